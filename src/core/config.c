@@ -1,0 +1,219 @@
+/* config.c - the table of settings and its loader. See config.h. */
+#include "core/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum cfg_type { CFG_STR, CFG_INT };
+
+struct cfg_entry {
+    const char *name; /* flag name without dashes; the environment variable is ASYNCLLM_ + upper(name) */
+    enum cfg_type type;
+    size_t offset;
+    long min, max;
+    const char *def;
+    const char *help;
+};
+
+#define S(name, field, def, help)                                                                                      \
+    {                                                                                                                  \
+        name, CFG_STR, offsetof(struct config, field), 0, 0, def, help                                                 \
+    }
+#define I(name, field, min, max, def, help)                                                                            \
+    {                                                                                                                  \
+        name, CFG_INT, offsetof(struct config, field), min, max, def, help                                             \
+    }
+
+static const struct cfg_entry entries[] = {
+    S("log-level", log_level, "info", "debug, info, warn or error"),
+    /* Kafka */
+    S("kafka-brokers", kafka_brokers, "localhost:9092", "Kafka bootstrap servers (host:port,...)"),
+    S("topic-prompts", topic_prompts, "async_user_prompt", "topic the API produces prompts to"),
+    S("topic-responses", topic_responses, "async_llm_response", "topic the worker produces responses to"),
+    S("topic-dlq", topic_dlq, "async_user_prompt.dlq", "dead-letter topic for prompts that failed for good"),
+    I("partitions", partitions, 1, 10000, "6", "partitions of each topic when asyncllm creates it at start-up"),
+    I("replication", replication, 1, 16, "1", "replication factor of topics asyncllm creates"),
+    I("produce-timeout-ms", produce_timeout_ms, 100, 600000, "5000",
+      "how long a produce may wait for the broker's ack before the request fails (503)"),
+    /* Redis */
+    S("redis-host", redis_host, "127.0.0.1", "Redis host"),
+    I("redis-port", redis_port, 1, 65535, "6379", "Redis port"),
+    S("redis-password", redis_password, "", "Redis password (AUTH), empty for none"),
+    I("redis-timeout-ms", redis_timeout_ms, 10, 600000, "2000", "deadline of one Redis command"),
+    I("conversation-ttl-s", conversation_ttl_s, 0, 315360000, "604800",
+      "seconds a conversation is kept in Redis after its last change (0: forever)"),
+    /* HTTP */
+    S("http-addr", http_addr, "127.0.0.1", "address the HTTP API listens on"),
+    I("http-port", http_port, 0, 65535, "8080", "port the HTTP API listens on"),
+    I("http-max-body", http_max_body, 64, 67108864, "1048576", "largest request body accepted, bytes (413 above)"),
+    I("http-idle-timeout-s", http_idle_timeout_s, 1, 3600, "30",
+      "a connection that sends or reads nothing for this long is closed (slow clients)"),
+    I("request-timeout-ms", request_timeout_ms, 100, 600000, "10000",
+      "deadline of one API request; past it the client gets 503 with Retry-After"),
+    S("public-url", public_url, "", "absolute base of polling_url (e.g. https://llm.example.com); empty: relative"),
+    I("retry-after-s", retry_after_s, 0, 3600, "1", "Retry-After suggested to clients on 202 and 503"),
+    /* LLM */
+    S("llm-base-url", llm_base_url, "https://api.openai.com/v1",
+      "OpenAI-compatible base URL; the worker POSTs to {base}/chat/completions"),
+    S("llm-api-key", llm_api_key, "", "bearer token for the LLM (falls back to OPENAI_API_KEY)"),
+    S("llm-model", llm_model, "gpt-4o-mini", "model name sent to the LLM"),
+    I("llm-timeout-ms", llm_timeout_ms, 100, 3600000, "120000", "deadline of one LLM call"),
+    I("llm-max-tokens", llm_max_tokens, 0, 1000000, "0", "max_tokens sent with each call (0: not sent)"),
+    I("llm-max-response-bytes", llm_max_response_bytes, 1024, 268435456, "8388608",
+      "largest LLM response body accepted"),
+    /* worker */
+    S("group-id", group_id, "asyncllm-worker", "Kafka consumer group of the workers"),
+    S("instance-id", instance_id, "", "static group membership id (group.instance.id); empty: dynamic"),
+    I("max-in-flight", max_in_flight, 1, 1000000, "256", "LLM calls in flight at once per worker"),
+    I("max-buffered", max_buffered, 0, 10000000, "0",
+      "prompts held in memory (running + waiting) before fetching pauses (0: 4 x max-in-flight)"),
+    I("max-attempts", max_attempts, 1, 100, "5", "LLM attempts per prompt before it fails for good"),
+    I("retry-base-ms", retry_base_ms, 1, 3600000, "500", "first retry backoff (exponential, full jitter)"),
+    I("retry-max-ms", retry_max_ms, 1, 3600000, "30000", "largest retry backoff"),
+    I("prompt-deadline-ms", prompt_deadline_ms, 1000, 86400000, "600000",
+      "a prompt still failing this long after the worker took it fails for good"),
+    I("commit-interval-ms", commit_interval_ms, 10, 600000, "1000", "how often finished offsets are committed"),
+    I("shutdown-grace-ms", shutdown_grace_ms, 0, 3600000, "30000",
+      "on SIGTERM, how long in-flight work may take to finish"),
+};
+
+#define NENTRIES (sizeof entries / sizeof entries[0])
+
+static void env_name(const struct cfg_entry *e, char *buf, size_t len)
+{
+    size_t n = (size_t)snprintf(buf, len, "ASYNCLLM_");
+    for (const char *p = e->name; *p && n + 1 < len; p++)
+        buf[n++] = *p == '-' ? '_' : (char)toupper((unsigned char)*p);
+    buf[n] = '\0';
+}
+
+static int set_value(struct config *cfg, const struct cfg_entry *e, const char *value, const char *origin, char *err,
+                     size_t errlen)
+{
+    char *field = (char *)cfg + e->offset;
+    if (e->type == CFG_STR) {
+        *(const char **)field = value;
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    long v = strtol(value, &end, 10);
+    if (errno || end == value || *end != '\0') {
+        snprintf(err, errlen, "%s: '%s' is not an integer", origin, value);
+        return -1;
+    }
+    if (v < e->min || v > e->max) {
+        snprintf(err, errlen, "%s: %ld is outside [%ld, %ld]", origin, v, e->min, e->max);
+        return -1;
+    }
+    *(long *)field = v;
+    return 0;
+}
+
+static const struct cfg_entry *find_entry(const char *name, size_t len)
+{
+    for (size_t i = 0; i < NENTRIES; i++)
+        if (strlen(entries[i].name) == len && memcmp(entries[i].name, name, len) == 0)
+            return &entries[i];
+    return NULL;
+}
+
+static int add_kafka_prop(struct config *cfg, char *kv, char *err, size_t errlen)
+{
+    char *eq = strchr(kv, '=');
+    if (!eq || eq == kv) {
+        snprintf(err, errlen, "-X expects key=value, got '%s'", kv);
+        return -1;
+    }
+    if (cfg->kafka_nprops == CONFIG_MAX_KAFKA_PROPS) {
+        snprintf(err, errlen, "too many -X settings (at most %d)", CONFIG_MAX_KAFKA_PROPS);
+        return -1;
+    }
+    *eq = '\0'; /* argv strings are ours to split */
+    cfg->kafka_props[cfg->kafka_nprops][0] = kv;
+    cfg->kafka_props[cfg->kafka_nprops][1] = eq + 1;
+    cfg->kafka_nprops++;
+    return 0;
+}
+
+int config_load(struct config *cfg, int argc, char **argv, int first, char *err, size_t errlen)
+{
+    char env[96];
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < NENTRIES; i++) {
+        const struct cfg_entry *e = &entries[i];
+        if (set_value(cfg, e, e->def, e->name, err, errlen))
+            return -1;
+        env_name(e, env, sizeof env);
+        const char *v = getenv(env);
+        if (v && set_value(cfg, e, v, env, err, errlen))
+            return -1;
+    }
+    if (cfg->llm_api_key[0] == '\0' && getenv("OPENAI_API_KEY"))
+        cfg->llm_api_key = getenv("OPENAI_API_KEY");
+
+    for (int i = first; i < argc; i++) {
+        char *a = argv[i];
+        if (strcmp(a, "-X") == 0) {
+            if (i + 1 == argc) {
+                snprintf(err, errlen, "-X needs key=value");
+                return -1;
+            }
+            if (add_kafka_prop(cfg, argv[++i], err, errlen))
+                return -1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            snprintf(err, errlen, "unexpected argument '%s' (settings are --name=value)", a);
+            return -1;
+        }
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+        const struct cfg_entry *e = find_entry(name, nlen);
+        if (!e) {
+            snprintf(err, errlen, "unknown setting '%.*s' (see --help)", (int)nlen, name);
+            return -1;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (!value) {
+            if (i + 1 == argc) {
+                snprintf(err, errlen, "--%s needs a value", e->name);
+                return -1;
+            }
+            value = argv[++i];
+        }
+        if (set_value(cfg, e, value, a, err, errlen))
+            return -1;
+    }
+    if (cfg->max_buffered == 0)
+        cfg->max_buffered = cfg->max_in_flight * 4;
+    if (cfg->max_buffered < cfg->max_in_flight)
+        cfg->max_buffered = cfg->max_in_flight;
+    return 0;
+}
+
+void config_print_help(FILE *out)
+{
+    char env[96];
+    for (size_t i = 0; i < NENTRIES; i++) {
+        const struct cfg_entry *e = &entries[i];
+        env_name(e, env, sizeof env);
+        fprintf(out, "  --%-24s %s\n  %26s env %s, default '%s'\n", e->name, e->help, "", env, e->def);
+    }
+    fprintf(out, "  -X key=value               any librdkafka setting, for every Kafka client (e.g. -X "
+                 "security.protocol=ssl)\n");
+}
+
+void config_print_markdown(FILE *out)
+{
+    char env[96];
+    fprintf(out, "| flag | environment variable | default | meaning |\n|---|---|---|---|\n");
+    for (size_t i = 0; i < NENTRIES; i++) {
+        const struct cfg_entry *e = &entries[i];
+        env_name(e, env, sizeof env);
+        fprintf(out, "| `--%s` | `%s` | `%s` | %s |\n", e->name, env, e->def, e->help);
+    }
+}

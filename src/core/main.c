@@ -1,0 +1,297 @@
+/* main.c - the asyncllm command: one binary, roles chosen by subcommand.
+ *
+ * Each role runs one libevent loop per thread. `all` runs the API on a second thread with its own loop; the
+ * main thread runs the worker and takes the signals, and tells the API thread to stop through a pipe (threads
+ * signal each other only through file descriptors). */
+#include "core/config.h"
+#include "core/log.h"
+#include "http/api.h"
+#include "kafka/kafka.h"
+#include "worker/worker.h"
+
+#include <event2/event.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define ASYNCLLM_VERSION "0.1.0"
+
+static const char usage[] =
+    "asyncllm " ASYNCLLM_VERSION " - an asynchronous LLM API on Kafka and Redis\n"
+    "\n"
+    "usage: asyncllm <command> [--setting=value ...] [-X kafka.property=value ...]\n"
+    "\n"
+    "commands:\n"
+    "  api       the HTTP API: POST/GET /answer queue a prompt (202), GET /polling reads the result\n"
+    "  worker    consume prompts, call the LLM (many at once, in order per conversation), store and publish\n"
+    "  all       api and worker in one process (two threads)\n"
+    "  topics    create the Kafka topics if missing, then exit\n"
+    "  config    print the settings as a Markdown table\n"
+    "  version   print the version\n"
+    "\n"
+    "Every setting can be given as a flag or an environment variable (flags win):\n";
+
+static const char usage_tail[] =
+    "\n"
+    "Signals: SIGTERM or SIGINT stop gracefully (the API answers what it holds, the worker finishes what is in\n"
+    "flight within --shutdown-grace-ms and commits); a second signal exits at once. Nothing accepted is lost\n"
+    "either way: an unfinished prompt is redelivered to the next worker.\n"
+    "\n"
+    "Examples:\n"
+    "  asyncllm all --llm-base-url=http://127.0.0.1:11434/v1 --llm-model=llama3.2   # Ollama\n"
+    "  OPENAI_API_KEY=sk-... asyncllm worker --max-in-flight=1024\n"
+    "  curl -s -X POST localhost:8080/answer -d '{\"prompt\": \"Hello\"}'\n"
+    "  curl -s 'localhost:8080/polling?conversationId=<id>'\n";
+
+static struct config cfg;
+
+/* ---------------------------------------------------------------- API role */
+
+struct api_role {
+    struct event_base *base;
+    struct api *api;
+    struct event *stop_ev, *wait_ev;
+    int64_t stop_deadline;
+    int stop_fd[2]; /* for `all`: the main thread writes a byte to stop the API thread */
+};
+
+static void api_wait_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct api_role *r = arg;
+    if (api_pending(r->api) == 0 || --r->stop_deadline <= 0) {
+        event_base_loopbreak(r->base);
+        return;
+    }
+    struct timeval tv = {0, 50 * 1000};
+    evtimer_add(r->wait_ev, &tv);
+}
+
+static void api_begin_stop(struct api_role *r)
+{
+    if (r->wait_ev)
+        return;
+    log_info("api: stopping; answering %d request(s) still waiting", api_pending(r->api));
+    api_stop_listening(r->api);
+    r->stop_deadline = cfg.request_timeout_ms / 50 + 2; /* each waiting submit answers by its deadline */
+    r->wait_ev = evtimer_new(r->base, api_wait_cb, r);
+    api_wait_cb(-1, 0, r);
+}
+
+static void api_stop_pipe_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)what;
+    char b;
+    if (read(fd, &b, 1) < 0) {
+        /* nothing to do: the byte only wakes us */
+    }
+    api_begin_stop(arg);
+}
+
+static int api_role_init(struct api_role *r, struct event_base *base)
+{
+    char err[512];
+    memset(r, 0, sizeof *r);
+    r->base = base;
+    r->api = api_new(base, &cfg, err, sizeof err);
+    if (!r->api) {
+        log_error("api: %s", err);
+        return -1;
+    }
+    log_info("api: listening on http://%s:%d (POST /answer, GET /polling)", cfg.http_addr, api_port(r->api));
+    return 0;
+}
+
+static void api_role_free(struct api_role *r)
+{
+    api_free(r->api);
+    if (r->wait_ev)
+        event_free(r->wait_ev);
+    if (r->stop_ev)
+        event_free(r->stop_ev);
+}
+
+/* ---------------------------------------------------------------- signals */
+
+struct main_ctx {
+    struct event_base *base;
+    struct worker *worker;
+    struct api_role *api;     /* the API on this thread (`api`) */
+    struct api_role *api_thr; /* the API on the other thread (`all`) */
+    int signals;
+};
+
+static void drained_cb(void *arg)
+{
+    struct main_ctx *m = arg;
+    event_base_loopbreak(m->base);
+}
+
+static void signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    (void)what;
+    struct main_ctx *m = arg;
+    if (++m->signals > 1) {
+        log_warn("second signal: exiting now (unfinished prompts will be redelivered)");
+        _exit(1);
+    }
+    log_info("%s received: shutting down gracefully (send it again to exit at once)", strsignal((int)sig));
+    if (m->api_thr && write(m->api_thr->stop_fd[1], "x", 1) < 0)
+        log_warn("cannot signal the API thread");
+    if (m->api)
+        api_begin_stop(m->api);
+    if (m->worker)
+        worker_drain(m->worker, drained_cb, m);
+}
+
+static void *api_thread_main(void *arg)
+{
+    struct api_role *r = arg;
+    event_base_dispatch(r->base);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- main */
+
+static void ensure_topics(void)
+{
+    char err[512];
+    if (kafka_ensure_topics(&cfg, 15000, err, sizeof err))
+        log_warn("kafka: could not check or create topics (%s); continuing, topics may be created later", err);
+}
+
+static int run(const char *role)
+{
+    bool want_api = strcmp(role, "api") == 0 || strcmp(role, "all") == 0;
+    bool want_worker = strcmp(role, "worker") == 0 || strcmp(role, "all") == 0;
+    bool threaded = want_api && want_worker;
+    char err[512];
+    int rc = 1;
+
+    log_set_role(role);
+    ensure_topics();
+    struct main_ctx m = {0};
+    m.base = event_base_new();
+    struct api_role api_r;
+    struct event_base *api_base = NULL;
+    pthread_t thr;
+    bool thr_started = false;
+
+    if (want_api) {
+        api_base = threaded ? event_base_new() : m.base;
+        if (api_role_init(&api_r, api_base))
+            goto out;
+        if (threaded) {
+            if (pipe(api_r.stop_fd)) {
+                log_error("pipe failed");
+                goto out;
+            }
+            api_r.stop_ev = event_new(api_base, api_r.stop_fd[0], EV_READ, api_stop_pipe_cb, &api_r);
+            event_add(api_r.stop_ev, NULL);
+            m.api_thr = &api_r;
+        } else {
+            m.api = &api_r;
+        }
+    }
+    if (want_worker) {
+        m.worker = worker_new(m.base, &cfg, err, sizeof err);
+        if (!m.worker) {
+            log_error("worker: %s", err);
+            goto out;
+        }
+    }
+    if (threaded) {
+        /* Signals go to the main thread only. */
+        sigset_t set, old;
+        sigemptyset(&set);
+        sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &set, &old);
+        thr_started = pthread_create(&thr, NULL, api_thread_main, &api_r) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (!thr_started) {
+            log_error("cannot start the API thread");
+            goto out;
+        }
+    }
+    struct event *sigint = evsignal_new(m.base, SIGINT, signal_cb, &m);
+    struct event *sigterm = evsignal_new(m.base, SIGTERM, signal_cb, &m);
+    event_add(sigint, NULL);
+    event_add(sigterm, NULL);
+    event_base_dispatch(m.base);
+    event_free(sigint);
+    event_free(sigterm);
+    rc = 0;
+out:
+    if (thr_started) {
+        if (rc && write(api_r.stop_fd[1], "x", 1) < 0)
+            log_warn("cannot signal the API thread");
+        pthread_join(thr, NULL);
+    }
+    worker_free(m.worker);
+    if (want_api && api_r.api)
+        api_role_free(&api_r);
+    if (m.api_thr) {
+        close(api_r.stop_fd[0]);
+        close(api_r.stop_fd[1]);
+    }
+    if (api_base && api_base != m.base)
+        event_base_free(api_base);
+    event_base_free(m.base);
+    log_info("stopped");
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    char err[512];
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        config_print_help(argc < 2 ? stderr : stdout);
+        fputs(usage_tail, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            fputs(usage, stdout);
+            config_print_help(stdout);
+            fputs(usage_tail, stdout);
+            return 0;
+        }
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("asyncllm %s\n", ASYNCLLM_VERSION);
+        return 0;
+    }
+    if (strcmp(cmd, "config") == 0) {
+        config_print_markdown(stdout);
+        return 0;
+    }
+    if (config_load(&cfg, argc, argv, 2, err, sizeof err)) {
+        fprintf(stderr, "asyncllm: %s\n", err);
+        return 2;
+    }
+    if (log_set_level(cfg.log_level)) {
+        fprintf(stderr, "asyncllm: unknown log level '%s' (debug, info, warn, error)\n", cfg.log_level);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (strcmp(cmd, "topics") == 0) {
+        log_set_role("topics");
+        if (kafka_ensure_topics(&cfg, 60000, err, sizeof err)) {
+            log_error("kafka: %s", err);
+            return 1;
+        }
+        log_info("topics %s, %s and %s exist", cfg.topic_prompts, cfg.topic_responses, cfg.topic_dlq);
+        return 0;
+    }
+    if (strcmp(cmd, "api") == 0 || strcmp(cmd, "worker") == 0 || strcmp(cmd, "all") == 0)
+        return run(cmd);
+    fprintf(stderr, "asyncllm: unknown command '%s' (see asyncllm --help)\n", cmd);
+    return 2;
+}

@@ -1,0 +1,48 @@
+/* util.h - small pure helpers shared by every role: ids, clocks, UTF-8, bounded buffers. */
+#ifndef ASYNCLLM_UTIL_H
+#define ASYNCLLM_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* A conversation id: 128 bits from getrandom(2), base64url without padding: 22 characters. */
+#define CONV_ID_LEN 22
+/* Writes a new id and its NUL into out (at least CONV_ID_LEN + 1 bytes). Returns 0, -1 if no randomness. */
+int conv_id_new(char *out);
+/* True if s looks like an id we could have issued: 1..64 characters of [A-Za-z0-9_-]. Anything else cannot name
+ * a conversation and is rejected before it reaches Redis. */
+bool conv_id_valid(const char *s, size_t len);
+
+/* Wall clock in Unix milliseconds, and a monotonic clock in milliseconds. */
+int64_t now_ms(void);
+int64_t mono_ms(void);
+
+/* True if s[0..len) is well-formed UTF-8 (no overlongs, no surrogates, nothing above U+10FFFF) and has no NUL. */
+bool utf8_valid(const char *s, size_t len);
+
+/* True if s has at least one character that is not ASCII whitespace. */
+bool has_non_space(const char *s, size_t len);
+
+/* A growable byte buffer with a hard limit fixed at init (STYLE.md rule 6). Always NUL-terminated. */
+struct buf {
+    char *data;
+    size_t len, cap, max;
+};
+void buf_init(struct buf *b, size_t max);
+/* Appends n bytes; returns -1 (and appends nothing) if the result would exceed max. */
+int buf_append(struct buf *b, const void *p, size_t n);
+void buf_reset(struct buf *b);
+void buf_free(struct buf *b);
+
+/* A uniformly random integer in [0, n) (n > 0) from a per-thread xorshift seeded by getrandom. */
+uint64_t rand_below(uint64_t n);
+
+/* Allocation wrappers: on out-of-memory they log and abort (the one OOM policy, STYLE.md rule 5). */
+void *xmalloc(size_t n);
+void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
+#endif

@@ -1,0 +1,120 @@
+/* http.c - see http.h.
+ *
+ * Limits. libevent's evhttp has none by default. Headers are capped at 64 KiB. The body cap given to libevent
+ * is twice http-max-body: a body between the two is read and answered by the route with a 413 in OpenAI's
+ * error shape; a larger one is refused by libevent itself (also 413, with an HTML body) before it is read, so
+ * memory per connection stays bounded. A connection idle for http-idle-timeout-s is closed, which also bounds
+ * how long a slow client can take to send its request. */
+#include "http/http.h"
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/util.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+struct evhttp *http_server_new(struct event_base *base, const struct config *cfg,
+                               void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
+                               struct evhttp_bound_socket **bound, char *err, size_t errlen)
+{
+    struct evhttp *http = evhttp_new(base);
+    if (!http) {
+        snprintf(err, errlen, "evhttp_new failed");
+        return NULL;
+    }
+    evhttp_set_max_headers_size(http, 64 * 1024);
+    evhttp_set_max_body_size(http, (ev_ssize_t)cfg->http_max_body * 2);
+    evhttp_set_timeout(http, (int)cfg->http_idle_timeout_s);
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
+                                         EVHTTP_REQ_HEAD | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
+    evhttp_set_default_content_type(http, "application/json");
+    evhttp_set_gencb(http, cb, arg);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, cfg->http_addr, (ev_uint16_t)cfg->http_port);
+    if (!bs) {
+        snprintf(err, errlen, "cannot listen on %s:%ld (in use, or a bad address?)", cfg->http_addr, cfg->http_port);
+        evhttp_free(http);
+        return NULL;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    *bound = bs;
+    *port = (int)cfg->http_port;
+    if (getsockname(evhttp_bound_socket_get_fd(bs), (struct sockaddr *)&ss, &sl) == 0)
+        *port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                               : ((struct sockaddr_in *)&ss)->sin_port);
+    return http;
+}
+
+void http_reply_json(struct evhttp_request *req, int code, json_t *obj)
+{
+    char *s = json_dumps(obj, JSON_COMPACT);
+    json_decref(obj);
+    struct evbuffer *out = evhttp_request_get_output_buffer(req);
+    if (s) {
+        evbuffer_add(out, s, strlen(s));
+        evbuffer_add(out, "\n", 1);
+        free(s);
+    }
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evhttp_add_header(h, "Cache-Control", "no-store");
+    evhttp_send_reply(req, code, NULL, NULL);
+}
+
+void http_reply_error(struct evhttp_request *req, int code, const char *type, const char *errcode, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    json_t *err =
+        json_pack("{s:{s:s, s:s, s:n, s:s}}", "error", "message", msg, "type", type, "param", "code", errcode);
+    if (code >= 500)
+        log_warn("%d %s %s: %s", code, evhttp_request_get_command(req) == EVHTTP_REQ_GET ? "GET" : "POST",
+                 http_path(req), msg);
+    http_reply_json(req, code, err);
+}
+
+const char *http_path(struct evhttp_request *req)
+{
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *p = uri ? evhttp_uri_get_path(uri) : NULL;
+    return p ? p : "";
+}
+
+char *http_query(struct evhttp_request *req, const char *name)
+{
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *q = uri ? evhttp_uri_get_query(uri) : NULL;
+    if (!q)
+        return NULL;
+    struct evkeyvalq params;
+    params.tqh_first = NULL;
+    params.tqh_last = &params.tqh_first;
+    if (evhttp_parse_query_str(q, &params) != 0) {
+        evhttp_clear_headers(&params);
+        return NULL;
+    }
+    const char *v = evhttp_find_header(&params, name);
+    char *copy = v ? xstrdup(v) : NULL;
+    evhttp_clear_headers(&params);
+    return copy;
+}
+
+const char *http_body(struct evhttp_request *req, size_t *len)
+{
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    *len = evbuffer_get_length(in);
+    if (*len == 0)
+        return "";
+    return (const char *)evbuffer_pullup(in, -1);
+}

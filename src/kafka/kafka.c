@@ -1,0 +1,473 @@
+/* kafka.c - see kafka.h. */
+#include "kafka/kafka.h"
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/util.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define POLL_INTERVAL_MS 100
+#define MAX_EVENTS_PER_WAKEUP 10000 /* then yield to the loop and come back at once */
+
+/* The pipe and events that wake a loop for one librdkafka queue. */
+struct kqueue_io {
+    int fds[2];
+    struct event *ev_read;
+    struct event *ev_timer;
+};
+
+static int set_conf(rd_kafka_conf_t *conf, const char *k, const char *v, char *err, size_t errlen)
+{
+    if (rd_kafka_conf_set(conf, k, v, err, errlen) != RD_KAFKA_CONF_OK)
+        return -1;
+    return 0;
+}
+
+static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    (void)rk;
+    /* syslog levels: 0..3 errors, 4 warning, 5..6 info, 7 debug */
+    enum log_level l = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    log_at(l, "kafka %s: %s", fac, buf);
+}
+
+/* Settings shared by every client, then the user's -X pass-through, which wins. */
+static rd_kafka_conf_t *base_conf(const struct config *cfg, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    if (set_conf(conf, "bootstrap.servers", cfg->kafka_brokers, err, errlen) ||
+        set_conf(conf, "client.id", "asyncllm", err, errlen) ||
+        set_conf(conf, "topic.metadata.refresh.interval.ms", "10000", err, errlen))
+        goto fail;
+    rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
+    for (int i = 0; i < cfg->kafka_nprops; i++) {
+        if (set_conf(conf, cfg->kafka_props[i][0], cfg->kafka_props[i][1], err, errlen))
+            goto fail;
+    }
+    return conf;
+fail:
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+static int kqueue_io_init(struct kqueue_io *io, struct event_base *base, rd_kafka_queue_t *q, event_callback_fn cb,
+                          void *arg)
+{
+    if (pipe2(io->fds, O_NONBLOCK | O_CLOEXEC))
+        return -1;
+    rd_kafka_queue_io_event_enable(q, io->fds[1], "1", 1);
+    io->ev_read = event_new(base, io->fds[0], EV_READ | EV_PERSIST, cb, arg);
+    io->ev_timer = event_new(base, -1, EV_PERSIST, cb, arg);
+    struct timeval tv = {0, POLL_INTERVAL_MS * 1000};
+    event_add(io->ev_read, NULL);
+    event_add(io->ev_timer, &tv);
+    return 0;
+}
+
+static void kqueue_io_drain_pipe(struct kqueue_io *io)
+{
+    char b[256];
+    while (read(io->fds[0], b, sizeof b) > 0)
+        ;
+}
+
+static void kqueue_io_free(struct kqueue_io *io, rd_kafka_queue_t *q)
+{
+    if (q)
+        rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
+    if (io->ev_read)
+        event_free(io->ev_read);
+    if (io->ev_timer)
+        event_free(io->ev_timer);
+    io->ev_read = io->ev_timer = NULL;
+    close(io->fds[0]);
+    close(io->fds[1]);
+}
+
+/* ---------------------------------------------------------------- producer */
+
+struct kafka_producer {
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *mainq;
+    struct kqueue_io io;
+    kafka_dr_cb *dr;
+    bool up;
+};
+
+static void producer_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    (void)rk;
+    struct kafka_producer *kp = opaque;
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+        kp->up = true;
+    kp->dr(m->_private, m->err, m->partition, m->offset);
+}
+
+static void producer_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    (void)rk;
+    struct kafka_producer *kp = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || err == RD_KAFKA_RESP_ERR__TRANSPORT) {
+        if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+            kp->up = false;
+        log_warn("kafka producer: %s", reason);
+        return;
+    }
+    log_error("kafka producer error: %s: %s", rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+}
+
+/* Statistics arrive every second. A producer connects sparsely (only to the brokers it needs), so a broker
+ * in INIT was simply never needed; the cluster counts as reachable while some connection is UP or no
+ * connection has been tried and failed. */
+static int producer_stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    (void)rk;
+    struct kafka_producer *kp = opaque;
+    json_t *root = json_loadb(json, len, 0, NULL);
+    if (!root)
+        return 0;
+    bool any_up = false, any_failing = false;
+    const char *name;
+    json_t *b;
+    json_object_foreach(json_object_get(root, "brokers"), name, b)
+    {
+        const char *state = json_string_value(json_object_get(b, "state"));
+        if (!state)
+            continue;
+        if (strcmp(state, "UP") == 0)
+            any_up = true;
+        else if (strcmp(state, "INIT") != 0)
+            any_failing = true;
+    }
+    bool up = any_up || !any_failing;
+    if (up != kp->up)
+        log_info("kafka: brokers %s", up ? "reachable" : "unreachable");
+    kp->up = up;
+    json_decref(root);
+    return 0; /* librdkafka frees json */
+}
+
+static void producer_io_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    struct kafka_producer *kp = arg;
+    if (what & EV_READ)
+        kqueue_io_drain_pipe(&kp->io);
+    int served = 0;
+    while (served < MAX_EVENTS_PER_WAKEUP) {
+        int n = rd_kafka_poll(kp->rk, 0);
+        if (n <= 0)
+            break;
+        served += n;
+    }
+    if (served >= MAX_EVENTS_PER_WAKEUP)
+        event_active(kp->io.ev_read, EV_READ, 0);
+}
+
+struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, kafka_dr_cb *dr, char *err,
+                                          size_t errlen)
+{
+    char tmo[32];
+    rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
+    if (!conf)
+        return NULL;
+    snprintf(tmo, sizeof tmo, "%ld", cfg->produce_timeout_ms);
+    if (set_conf(conf, "enable.idempotence", "true", err, errlen) || set_conf(conf, "acks", "all", err, errlen) ||
+        set_conf(conf, "partitioner", "murmur2_random", err, errlen) ||
+        set_conf(conf, "message.timeout.ms", tmo, err, errlen) || set_conf(conf, "linger.ms", "1", err, errlen) ||
+        set_conf(conf, "statistics.interval.ms", "1000", err, errlen)) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    /* -X settings are applied again so that they win over ours. */
+    for (int i = 0; i < cfg->kafka_nprops; i++)
+        set_conf(conf, cfg->kafka_props[i][0], cfg->kafka_props[i][1], err, errlen);
+
+    struct kafka_producer *kp = xcalloc(1, sizeof *kp);
+    kp->dr = dr;
+    kp->up = true; /* optimistic until librdkafka says otherwise */
+    rd_kafka_conf_set_opaque(conf, kp);
+    rd_kafka_conf_set_dr_msg_cb(conf, producer_dr_cb);
+    rd_kafka_conf_set_error_cb(conf, producer_error_cb);
+    rd_kafka_conf_set_stats_cb(conf, producer_stats_cb);
+    kp->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
+    if (!kp->rk) {
+        rd_kafka_conf_destroy(conf);
+        free(kp);
+        return NULL;
+    }
+    kp->mainq = rd_kafka_queue_get_main(kp->rk);
+    if (kqueue_io_init(&kp->io, base, kp->mainq, producer_io_cb, kp)) {
+        snprintf(err, errlen, "pipe: %s", strerror(errno));
+        rd_kafka_queue_destroy(kp->mainq);
+        rd_kafka_destroy(kp->rk);
+        free(kp);
+        return NULL;
+    }
+    return kp;
+}
+
+rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, const char *key, size_t keylen,
+                                  const void *value, size_t valuelen, rd_kafka_headers_t *hdrs, void *opaque)
+{
+    if (hdrs)
+        return rd_kafka_producev(kp->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                                 RD_KAFKA_V_KEY(key, keylen), RD_KAFKA_V_VALUE((void *)value, valuelen),
+                                 RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+    return rd_kafka_producev(kp->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                             RD_KAFKA_V_KEY(key, keylen), RD_KAFKA_V_VALUE((void *)value, valuelen),
+                             RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+}
+
+bool kafka_producer_up(const struct kafka_producer *kp)
+{
+    return kp->up;
+}
+
+int kafka_producer_outq(const struct kafka_producer *kp)
+{
+    return rd_kafka_outq_len(kp->rk);
+}
+
+void kafka_producer_free(struct kafka_producer *kp, int timeout_ms)
+{
+    if (!kp)
+        return;
+    rd_kafka_flush(kp->rk, timeout_ms); /* serves delivery reports: their callbacks run here */
+    kqueue_io_free(&kp->io, kp->mainq);
+    rd_kafka_queue_destroy(kp->mainq);
+    rd_kafka_destroy(kp->rk);
+    free(kp);
+}
+
+/* ---------------------------------------------------------------- consumer */
+
+struct kafka_consumer {
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *q;
+    struct kqueue_io io;
+    struct kafka_consumer_hooks hooks;
+    void *ctx;
+    bool fetching;
+};
+
+static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
+                                  void *opaque)
+{
+    struct kafka_consumer *kc = opaque;
+    /* Eager protocol (see docs/WORKER.md): every rebalance revokes everything, then assigns. */
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        log_info("kafka: assigned %d partition(s)", parts->cnt);
+        rd_kafka_assign(rk, parts);
+        if (kc->hooks.on_assign)
+            kc->hooks.on_assign(kc->ctx, parts);
+    } else {
+        log_info("kafka: revoking %d partition(s)", parts->cnt);
+        if (kc->hooks.on_revoke)
+            kc->hooks.on_revoke(kc->ctx, parts);
+        rd_kafka_assign(rk, NULL);
+    }
+}
+
+static void consumer_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *offsets,
+                               void *opaque)
+{
+    (void)rk;
+    (void)opaque;
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        log_warn("kafka: commit of %d partition(s) failed: %s", offsets ? offsets->cnt : 0, rd_kafka_err2str(err));
+}
+
+static void consumer_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    (void)rk;
+    (void)opaque;
+    log_warn("kafka consumer: %s: %s", rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+}
+
+static void consumer_io_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    struct kafka_consumer *kc = arg;
+    if (what & EV_READ)
+        kqueue_io_drain_pipe(&kc->io);
+    for (int served = 0; served < MAX_EVENTS_PER_WAKEUP; served++) {
+        /* Rebalances and errors are served inside this call even when we do not want messages. */
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(kc->rk, 0);
+        if (!m)
+            return;
+        if (m->err) {
+            if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                log_warn("kafka consume: %s", rd_kafka_message_errstr(m));
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (!kc->fetching) {
+            /* Shutting down: not processed, not committed; the next owner reads it again. */
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        kc->hooks.on_message(kc->ctx, m);
+    }
+    event_active(kc->io.ev_read, EV_READ, 0);
+}
+
+struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
+                                          const char *topic, const struct kafka_consumer_hooks *hooks, void *ctx,
+                                          char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
+    if (!conf)
+        return NULL;
+    if (set_conf(conf, "group.id", group_id, err, errlen) ||
+        set_conf(conf, "enable.auto.commit", "false", err, errlen) ||
+        set_conf(conf, "enable.auto.offset.store", "false", err, errlen) ||
+        set_conf(conf, "auto.offset.reset", "earliest", err, errlen) ||
+        set_conf(conf, "partition.assignment.strategy", "roundrobin", err, errlen) ||
+        set_conf(conf, "session.timeout.ms", "10000", err, errlen) ||
+        set_conf(conf, "heartbeat.interval.ms", "1000", err, errlen) ||
+        (cfg->instance_id[0] && set_conf(conf, "group.instance.id", cfg->instance_id, err, errlen))) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    for (int i = 0; i < cfg->kafka_nprops; i++)
+        set_conf(conf, cfg->kafka_props[i][0], cfg->kafka_props[i][1], err, errlen);
+
+    struct kafka_consumer *kc = xcalloc(1, sizeof *kc);
+    kc->hooks = *hooks;
+    kc->ctx = ctx;
+    kc->fetching = true;
+    rd_kafka_conf_set_opaque(conf, kc);
+    rd_kafka_conf_set_rebalance_cb(conf, consumer_rebalance_cb);
+    rd_kafka_conf_set_offset_commit_cb(conf, consumer_commit_cb);
+    rd_kafka_conf_set_error_cb(conf, consumer_error_cb);
+    kc->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, errlen);
+    if (!kc->rk) {
+        rd_kafka_conf_destroy(conf);
+        free(kc);
+        return NULL;
+    }
+    rd_kafka_poll_set_consumer(kc->rk);
+    kc->q = rd_kafka_queue_get_consumer(kc->rk);
+    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(sub, topic, RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t e = rd_kafka_subscribe(kc->rk, sub);
+    rd_kafka_topic_partition_list_destroy(sub);
+    if (e || kqueue_io_init(&kc->io, base, kc->q, consumer_io_cb, kc)) {
+        snprintf(err, errlen, "subscribe %s: %s", topic, e ? rd_kafka_err2str(e) : strerror(errno));
+        rd_kafka_queue_destroy(kc->q);
+        rd_kafka_destroy(kc->rk);
+        free(kc);
+        return NULL;
+    }
+    return kc;
+}
+
+int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *offsets, bool async)
+{
+    rd_kafka_resp_err_t e = rd_kafka_commit(kc->rk, offsets, async ? 1 : 0);
+    if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET) {
+        log_warn("kafka: commit failed: %s", rd_kafka_err2str(e));
+        return -1;
+    }
+    return 0;
+}
+
+void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts, bool pause)
+{
+    rd_kafka_topic_partition_list_t *copy = rd_kafka_topic_partition_list_copy(parts);
+    rd_kafka_resp_err_t e = pause ? rd_kafka_pause_partitions(kc->rk, copy) : rd_kafka_resume_partitions(kc->rk, copy);
+    if (e)
+        log_warn("kafka: %s failed: %s", pause ? "pause" : "resume", rd_kafka_err2str(e));
+    rd_kafka_topic_partition_list_destroy(copy);
+}
+
+void kafka_consumer_stop_fetching(struct kafka_consumer *kc)
+{
+    kc->fetching = false;
+}
+
+void kafka_consumer_free(struct kafka_consumer *kc)
+{
+    if (!kc)
+        return;
+    kc->fetching = false;
+    rd_kafka_consumer_close(kc->rk); /* serves the final revoke through the rebalance callback */
+    kqueue_io_free(&kc->io, kc->q);
+    rd_kafka_queue_destroy(kc->q);
+    rd_kafka_destroy(kc->rk);
+    free(kc);
+}
+
+/* ---------------------------------------------------------------- admin */
+
+int kafka_ensure_topics(const struct config *cfg, int timeout_ms, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
+    if (!conf)
+        return -1;
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
+    if (!rk) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    const char *names[] = {cfg->topic_prompts, cfg->topic_responses, cfg->topic_dlq};
+    const size_t n = sizeof names / sizeof names[0];
+    rd_kafka_NewTopic_t *topics[3];
+    for (size_t i = 0; i < n; i++)
+        topics[i] = rd_kafka_NewTopic_new(names[i], (int)cfg->partitions, (int)cfg->replication, NULL, 0);
+
+    int rc = -1;
+    int64_t deadline = mono_ms() + timeout_ms;
+    snprintf(err, errlen, "timed out");
+    while (mono_ms() < deadline) {
+        rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+        rd_kafka_AdminOptions_t *opt = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+        int left = (int)(deadline - mono_ms());
+        rd_kafka_AdminOptions_set_request_timeout(opt, left > 0 ? left : 1, NULL, 0);
+        rd_kafka_CreateTopics(rk, topics, n, opt, q);
+        rd_kafka_event_t *ev = rd_kafka_queue_poll(q, left > 0 ? left : 1);
+        bool retry = false;
+        if (!ev) {
+            snprintf(err, errlen, "no answer from %s", cfg->kafka_brokers);
+        } else if (rd_kafka_event_error(ev)) {
+            snprintf(err, errlen, "%s", rd_kafka_event_error_string(ev));
+            retry = true;
+        } else {
+            size_t cnt;
+            const rd_kafka_topic_result_t **res =
+                rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &cnt);
+            rc = 0;
+            for (size_t i = 0; i < cnt; i++) {
+                rd_kafka_resp_err_t e = rd_kafka_topic_result_error(res[i]);
+                if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+                    log_info("kafka: created topic %s (%ld partitions)", rd_kafka_topic_result_name(res[i]),
+                             cfg->partitions);
+                else if (e != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
+                    snprintf(err, errlen, "topic %s: %s", rd_kafka_topic_result_name(res[i]),
+                             rd_kafka_topic_result_error_string(res[i]));
+                    rc = -1;
+                    retry = true;
+                }
+            }
+        }
+        if (ev)
+            rd_kafka_event_destroy(ev);
+        rd_kafka_AdminOptions_destroy(opt);
+        rd_kafka_queue_destroy(q);
+        if (rc == 0 || !retry)
+            break;
+        usleep(500 * 1000);
+    }
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_NewTopic_destroy(topics[i]);
+    rd_kafka_destroy(rk);
+    return rc;
+}

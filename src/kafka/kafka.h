@@ -1,0 +1,77 @@
+/* kafka.h - librdkafka clients attached to a libevent loop.
+ *
+ * librdkafka runs its own threads for the network; it hands results to the application through queues. Each
+ * client here redirects its queue to a pipe with rd_kafka_queue_io_event_enable(), so the event loop wakes when
+ * a delivery report, a message or a rebalance is waiting, and serves them on the loop's thread. librdkafka
+ * writes to the pipe only when a queue goes from empty to non-empty, so each wakeup drains the queue, and a
+ * 100 ms timer polls as well (a consumer that never polls leaves its group after max.poll.interval.ms).
+ *
+ * Producers are idempotent (acks=all, ordered retries) and use the murmur2_random partitioner, as Java clients
+ * do, so every producer of a topic puts a conversation in the same partition. */
+#ifndef ASYNCLLM_KAFKA_H
+#define ASYNCLLM_KAFKA_H
+
+#include <librdkafka/rdkafka.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct config;
+
+/* ---- producer ---- */
+
+struct kafka_producer;
+
+/* Called on the loop's thread once per produced message: err is RD_KAFKA_RESP_ERR_NO_ERROR when the broker
+ * acknowledged it (acks=all). opaque is the pointer given to kafka_produce(). */
+typedef void kafka_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset);
+
+/* Creates a producer whose delivery reports are served on base. Returns NULL with a message in err. */
+struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, kafka_dr_cb *dr, char *err,
+                                          size_t errlen);
+/* Enqueues a copy of key and value (and takes ownership of hdrs on success, which may be NULL). Returns
+ * RD_KAFKA_RESP_ERR_NO_ERROR, or an error now (QUEUE_FULL, UNKNOWN_TOPIC...), in which case dr is not called. */
+rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, const char *key, size_t keylen,
+                                  const void *value, size_t valuelen, rd_kafka_headers_t *hdrs, void *opaque);
+/* False while the client knows of no reachable broker (from error and statistics callbacks). */
+bool kafka_producer_up(const struct kafka_producer *kp);
+/* Number of messages waiting for a delivery report. */
+int kafka_producer_outq(const struct kafka_producer *kp);
+/* Waits up to timeout_ms for outstanding messages (blocking; only at shutdown), then destroys the producer. */
+void kafka_producer_free(struct kafka_producer *kp, int timeout_ms);
+
+/* ---- consumer ---- */
+
+struct kafka_consumer;
+
+struct kafka_consumer_hooks {
+    /* A message; the callee owns it and must rd_kafka_message_destroy() it. */
+    void (*on_message)(void *ctx, rd_kafka_message_t *msg);
+    /* Partitions assigned (after the assignment took effect) or about to be revoked (before it does). The list
+     * is only valid during the call. */
+    void (*on_assign)(void *ctx, const rd_kafka_topic_partition_list_t *parts);
+    void (*on_revoke)(void *ctx, const rd_kafka_topic_partition_list_t *parts);
+};
+
+/* Creates a consumer in group_id subscribed to topic, served on base. Offsets are never committed
+ * automatically: the caller commits with kafka_consumer_commit(). */
+struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
+                                          const char *topic, const struct kafka_consumer_hooks *hooks, void *ctx,
+                                          char *err, size_t errlen);
+/* Commits offsets (each the next offset to read). async=false blocks until the broker answers. */
+int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *offsets, bool async);
+/* Stops or restarts fetching from the listed partitions. */
+void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts, bool pause);
+/* Stops delivering messages (no more on_message calls), so that a shutdown can drain. */
+void kafka_consumer_stop_fetching(struct kafka_consumer *kc);
+/* Leaves the group (revoking, so on_revoke runs) and destroys the consumer. Blocking; only at shutdown. */
+void kafka_consumer_free(struct kafka_consumer *kc);
+
+/* ---- admin ---- */
+
+/* Creates the prompt, response and dead-letter topics if missing (blocking, up to timeout_ms). Returns 0 when
+ * all exist, -1 with a message in err otherwise. */
+int kafka_ensure_topics(const struct config *cfg, int timeout_ms, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,86 @@
+/* chat.c - see chat.h. */
+#include "llm/chat.h"
+
+#include "core/util.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+char *chat_request_new(const char *model, long max_tokens, const struct chat_msg *msgs, size_t n, size_t *len)
+{
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(arr,
+                              json_pack("{s:s, s:s%}", "role", msgs[i].role, "content", msgs[i].content, msgs[i].len));
+    json_t *req = json_pack("{s:s, s:o}", "model", model, "messages", arr);
+    if (max_tokens > 0)
+        json_object_set_new(req, "max_tokens", json_integer(max_tokens));
+    char *s = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    if (!s)
+        abort(); /* only on out-of-memory: all strings were validated UTF-8 before */
+    *len = strlen(s);
+    return s;
+}
+
+int chat_parse_response(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    json_error_t jerr;
+    json_t *root = json_loadb(body, len, 0, &jerr);
+    if (!root || !json_is_object(root)) {
+        snprintf(err, errlen, "the LLM answered something that is not a JSON object");
+        json_decref(root);
+        return -1;
+    }
+    json_t *choice = json_array_get(json_object_get(root, "choices"), 0);
+    json_t *content = json_object_get(json_object_get(choice, "message"), "content");
+    if (!choice || !(json_is_string(content) || json_is_null(content))) {
+        snprintf(err, errlen, "the LLM's answer has no choices[0].message.content");
+        json_decref(root);
+        return -1;
+    }
+    const char *text = json_is_string(content) ? json_string_value(content) : "";
+    out->content_len = json_is_string(content) ? json_string_length(content) : 0;
+    out->content = xstrndup(text, out->content_len);
+    const char *fr = json_string_value(json_object_get(choice, "finish_reason"));
+    out->finish_reason = xstrdup(fr ? fr : "");
+    const char *model = json_string_value(json_object_get(root, "model"));
+    out->model = xstrdup(model ? model : "");
+    json_t *usage = json_object_get(root, "usage");
+    out->prompt_tokens = (long)json_integer_value(json_object_get(usage, "prompt_tokens"));
+    out->completion_tokens = (long)json_integer_value(json_object_get(usage, "completion_tokens"));
+    out->total_tokens = (long)json_integer_value(json_object_get(usage, "total_tokens"));
+    if (out->total_tokens == 0)
+        out->total_tokens = out->prompt_tokens + out->completion_tokens;
+    json_decref(root);
+    return 0;
+}
+
+void chat_result_free(struct chat_result *r)
+{
+    free(r->content);
+    free(r->finish_reason);
+    free(r->model);
+    memset(r, 0, sizeof *r);
+}
+
+void chat_error_summary(const char *body, size_t len, char *out, size_t outlen)
+{
+    json_t *root = json_loadb(body, len, 0, NULL);
+    const char *msg = json_string_value(json_object_get(json_object_get(root, "error"), "message"));
+    if (msg) {
+        snprintf(out, outlen, "%s", msg);
+    } else {
+        size_t n = len < 200 ? len : 200;
+        snprintf(out, outlen, "%.*s", (int)n, body);
+        /* keep the summary printable: a control byte or a cut UTF-8 sequence is replaced by '?' */
+        for (char *p = out; *p; p++)
+            if ((unsigned char)*p < 0x20)
+                *p = '?';
+        while (!utf8_valid(out, strlen(out)) && strlen(out) > 0)
+            out[strlen(out) - 1] = '\0';
+    }
+    json_decref(root);
+}

@@ -1,0 +1,297 @@
+/* llm.c - see llm.h. The libevent/multi_socket glue follows curl's ephiperfifo/hiperfifo examples. */
+#include "llm/llm.h"
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/util.h"
+
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+struct llm {
+    struct event_base *base;
+    const struct config *cfg;
+    CURLM *multi;
+    struct event *timer;
+    struct curl_slist *headers;
+    struct llm_call *calls; /* every call in flight, so that llm_free() can cancel them */
+    int in_flight;
+};
+
+struct llm_call {
+    struct llm *llm;
+    struct llm_call *prev, *next;
+    CURL *eh;
+    llm_cb *cb;
+    void *arg;
+    struct buf body;
+    bool too_large;
+    char retry_after[64];
+    char retry_after_ms[32];
+    int64_t started_ms;
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+/* The event watching one socket for curl; hung on the socket with curl_multi_assign. */
+struct sock {
+    struct event *ev;
+};
+
+static void check_done(struct llm *llm);
+
+static void call_free(struct llm_call *call)
+{
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        call->llm->calls = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    curl_multi_remove_handle(call->llm->multi, call->eh);
+    curl_easy_cleanup(call->eh);
+    buf_free(&call->body);
+    call->llm->in_flight--;
+    free(call);
+}
+
+static void event_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct llm *llm = arg;
+    int running;
+    int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    curl_multi_socket_action(llm->multi, fd, action, &running);
+    check_done(llm);
+}
+
+static void timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct llm *llm = arg;
+    int running;
+    curl_multi_socket_action(llm->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_done(llm);
+}
+
+static int socket_cb(CURL *eh, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    (void)eh;
+    struct llm *llm = userp;
+    struct sock *sk = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (sk) {
+            event_free(sk->ev);
+            free(sk);
+            curl_multi_assign(llm->multi, s, NULL);
+        }
+        return 0;
+    }
+    short kind = EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0) | ((what & CURL_POLL_OUT) ? EV_WRITE : 0);
+    if (!sk) {
+        sk = xcalloc(1, sizeof *sk);
+        curl_multi_assign(llm->multi, s, sk);
+    } else {
+        event_free(sk->ev);
+    }
+    sk->ev = event_new(llm->base, s, kind, event_cb, llm);
+    event_add(sk->ev, NULL);
+    return 0;
+}
+
+static int multi_timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    (void)multi;
+    struct llm *llm = userp;
+    if (timeout_ms < 0) {
+        evtimer_del(llm->timer);
+        return 0;
+    }
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    evtimer_add(llm->timer, &tv);
+    return 0;
+}
+
+static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    struct llm_call *call = userdata;
+    size_t n = size * nmemb;
+    if (buf_append(&call->body, ptr, n)) {
+        call->too_large = true;
+        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+    }
+    return n;
+}
+
+static void header_value(const char *line, size_t n, const char *name, char *out, size_t outlen)
+{
+    size_t nl = strlen(name);
+    if (n <= nl + 1 || strncasecmp(line, name, nl) != 0 || line[nl] != ':')
+        return;
+    const char *v = line + nl + 1;
+    const char *end = line + n;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+        end--;
+    size_t len = (size_t)(end - v) < outlen - 1 ? (size_t)(end - v) : outlen - 1;
+    memcpy(out, v, len);
+    out[len] = '\0';
+}
+
+static size_t header_cb(char *line, size_t size, size_t nmemb, void *userdata)
+{
+    struct llm_call *call = userdata;
+    size_t n = size * nmemb;
+    header_value(line, n, "retry-after", call->retry_after, sizeof call->retry_after);
+    header_value(line, n, "retry-after-ms", call->retry_after_ms, sizeof call->retry_after_ms);
+    return n;
+}
+
+static void check_done(struct llm *llm)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(llm->multi, &left))) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        struct llm_call *call;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&call);
+        struct llm_response res = {0};
+        res.curl_code = msg->data.result;
+        res.curl_error = res.curl_code ? (call->errbuf[0] ? call->errbuf : curl_easy_strerror(msg->data.result)) : "";
+        res.timed_out = msg->data.result == CURLE_OPERATION_TIMEDOUT;
+        res.too_large = call->too_large;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &res.http_status);
+        if (res.curl_code)
+            res.http_status = 0;
+        res.body = call->body.data ? call->body.data : "";
+        res.body_len = call->body.len;
+        res.retry_after_ms = llm_parse_retry_after(call->retry_after, call->retry_after_ms, now_ms());
+        res.elapsed_ms = mono_ms() - call->started_ms;
+        llm_cb *cb = call->cb;
+        void *arg = call->arg;
+        /* The callback may start new calls; this one is finished with curl but freed after it returns. */
+        cb(arg, &res);
+        call_free(call);
+    }
+}
+
+struct llm *llm_new(struct event_base *base, const struct config *cfg)
+{
+    static bool global_init;
+    if (!global_init) {
+        curl_global_init(CURL_GLOBAL_DEFAULT);
+        global_init = true;
+    }
+    struct llm *llm = xcalloc(1, sizeof *llm);
+    llm->base = base;
+    llm->cfg = cfg;
+    llm->multi = curl_multi_init();
+    llm->timer = evtimer_new(base, timer_cb, llm);
+    curl_multi_setopt(llm->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+    curl_multi_setopt(llm->multi, CURLMOPT_SOCKETDATA, llm);
+    curl_multi_setopt(llm->multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
+    curl_multi_setopt(llm->multi, CURLMOPT_TIMERDATA, llm);
+    /* Keep a warm connection for every call that may run at once. */
+    curl_multi_setopt(llm->multi, CURLMOPT_MAXCONNECTS, cfg->max_in_flight < 100000 ? cfg->max_in_flight : 100000L);
+    llm->headers = curl_slist_append(NULL, "Content-Type: application/json");
+    llm->headers = curl_slist_append(llm->headers, "Expect:"); /* no 100-continue round trip */
+    if (cfg->llm_api_key[0]) {
+        char auth[1024];
+        snprintf(auth, sizeof auth, "Authorization: Bearer %s", cfg->llm_api_key);
+        llm->headers = curl_slist_append(llm->headers, auth);
+    }
+    return llm;
+}
+
+struct llm_call *llm_post(struct llm *llm, const char *path, const char *body, size_t len, llm_cb *cb, void *arg)
+{
+    char url[2048];
+    const char *base = llm->cfg->llm_base_url;
+    size_t bl = strlen(base);
+    while (bl > 0 && base[bl - 1] == '/')
+        bl--;
+    snprintf(url, sizeof url, "%.*s%s", (int)bl, base, path);
+
+    struct llm_call *call = xcalloc(1, sizeof *call);
+    call->llm = llm;
+    call->cb = cb;
+    call->arg = arg;
+    call->started_ms = mono_ms();
+    buf_init(&call->body, (size_t)llm->cfg->llm_max_response_bytes);
+    CURL *eh = curl_easy_init();
+    if (!eh) {
+        log_error("curl_easy_init failed");
+        abort();
+    }
+    call->eh = eh;
+    curl_easy_setopt(eh, CURLOPT_URL, url);
+    curl_easy_setopt(eh, CURLOPT_HTTPHEADER, llm->headers);
+    curl_easy_setopt(eh, CURLOPT_POSTFIELDSIZE, (long)len);
+    curl_easy_setopt(eh, CURLOPT_COPYPOSTFIELDS, body);
+    curl_easy_setopt(eh, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(eh, CURLOPT_WRITEDATA, call);
+    curl_easy_setopt(eh, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(eh, CURLOPT_HEADERDATA, call);
+    curl_easy_setopt(eh, CURLOPT_PRIVATE, call);
+    curl_easy_setopt(eh, CURLOPT_ERRORBUFFER, call->errbuf);
+    curl_easy_setopt(eh, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(eh, CURLOPT_TIMEOUT_MS, llm->cfg->llm_timeout_ms);
+    curl_easy_setopt(eh, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
+    curl_easy_setopt(eh, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(eh, CURLOPT_ACCEPT_ENCODING, "");
+    curl_easy_setopt(eh, CURLOPT_USERAGENT, "asyncllm/0.1");
+    llm->in_flight++;
+    call->next = llm->calls;
+    if (llm->calls)
+        llm->calls->prev = call;
+    llm->calls = call;
+    curl_multi_add_handle(llm->multi, eh);
+    return call;
+}
+
+void llm_cancel(struct llm_call *call)
+{
+    call_free(call);
+}
+
+int llm_in_flight(const struct llm *llm)
+{
+    return llm->in_flight;
+}
+
+void llm_free(struct llm *llm)
+{
+    if (!llm)
+        return;
+    while (llm->calls)
+        call_free(llm->calls);
+    curl_multi_cleanup(llm->multi);
+    event_free(llm->timer);
+    curl_slist_free_all(llm->headers);
+    free(llm);
+}
+
+int64_t llm_parse_retry_after(const char *retry_after, const char *retry_after_ms, int64_t now)
+{
+    char *end;
+    if (retry_after_ms && retry_after_ms[0]) {
+        double v = strtod(retry_after_ms, &end);
+        if (end != retry_after_ms && *end == '\0' && v >= 0 && v < 1e12)
+            return (int64_t)v;
+    }
+    if (!retry_after || !retry_after[0])
+        return -1;
+    long secs = strtol(retry_after, &end, 10);
+    if (end != retry_after && *end == '\0')
+        return secs >= 0 && secs < 100000000 ? (int64_t)secs * 1000 : -1;
+    time_t t = curl_getdate(retry_after, NULL); /* IMF-fixdate, RFC 850 and asctime forms */
+    if (t < 0)
+        return -1;
+    int64_t delta = (int64_t)t * 1000 - now;
+    return delta > 0 ? delta : 0;
+}

@@ -1,0 +1,49 @@
+/* llm.h - HTTP calls to an OpenAI-compatible server through libcurl's multi interface on a libevent loop.
+ *
+ * Any number of calls run at once on the caller's thread: curl tells us which sockets to watch and when to
+ * wake (CURLMOPT_SOCKETFUNCTION, CURLMOPT_TIMERFUNCTION), the loop tells curl what happened
+ * (curl_multi_socket_action). Nothing blocks. Connections are kept alive and reused between calls.
+ *
+ * Each call answers exactly once through its callback, unless it is cancelled first. */
+#ifndef ASYNCLLM_LLM_H
+#define ASYNCLLM_LLM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct config;
+struct llm;
+struct llm_call;
+
+struct llm_response {
+    long http_status;       /* 0 if no HTTP answer (connection error, timeout) */
+    int curl_code;          /* CURLcode, 0 on success */
+    const char *curl_error; /* human-readable, "" when curl_code is 0 */
+    bool timed_out;
+    bool too_large;   /* the body passed llm-max-response-bytes */
+    const char *body; /* NUL-terminated; valid during the callback only */
+    size_t body_len;
+    int64_t retry_after_ms; /* from retry-after-ms or Retry-After (seconds or HTTP date); -1 if absent */
+    int64_t elapsed_ms;
+};
+
+typedef void llm_cb(void *arg, const struct llm_response *res);
+
+struct llm *llm_new(struct event_base *base, const struct config *cfg);
+/* Cancels every call (no callbacks) and frees the client. */
+void llm_free(struct llm *llm);
+
+/* POSTs body (copied) as JSON to {llm-base-url}{path}. Returns a handle valid until the callback runs or the
+ * call is cancelled. Never NULL. */
+struct llm_call *llm_post(struct llm *llm, const char *path, const char *body, size_t len, llm_cb *cb, void *arg);
+/* Aborts a call; its callback will not run. Must not be called from that call's own callback. */
+void llm_cancel(struct llm_call *call);
+int llm_in_flight(const struct llm *llm);
+
+/* Parses retry-after-ms (milliseconds) or Retry-After (delta seconds or an HTTP date, relative to now_ms).
+ * Returns milliseconds (>= 0) or -1 when neither header is usable. Exposed for tests. */
+int64_t llm_parse_retry_after(const char *retry_after, const char *retry_after_ms, int64_t now_ms);
+
+#endif

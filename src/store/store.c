@@ -1,0 +1,581 @@
+/* store.c - see store.h.
+ *
+ * Connection: one redisAsyncContext on the loop. When it drops, hiredis answers every pending command with a
+ * NULL reply (which we turn into STORE_EUNAVAILABLE) and a timer reconnects with a growing delay (50 ms to 2 s).
+ * hiredis 0.14 has no command timeout, so each operation arms its own timer; when one fires, the operation
+ * answers STORE_EUNAVAILABLE and the connection is dropped (a Redis that stopped answering is treated as down),
+ * and the late reply, if any, only frees the operation. */
+#include "store/store.h"
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/util.h"
+
+#include <event2/event.h>
+#include <hiredis/adapters/libevent.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KEY_PREFIX "asyncllm:conv:"
+#define RECONNECT_MIN_MS 50
+#define RECONNECT_MAX_MS 2000
+
+/* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new. Returns the turn, -1 unknown, -2 taken. */
+static const char LUA_SUBMIT[] =
+    "local n\n"
+    "if ARGV[4] == '1' then\n"
+    "  if redis.call('EXISTS', KEYS[1]) == 1 then return -2 end\n"
+    "  n = 1\n"
+    "  redis.call('HSET', KEYS[1], 'turns', 1, 'created_at', ARGV[2])\n"
+    "else\n"
+    "  if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "  n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
+    "end\n"
+    "local p = 't' .. n .. '.'\n"
+    "redis.call('HSET', KEYS[1], p .. 'prompt', ARGV[1], p .. 'status', 'pending', p .. 'submitted_at', ARGV[2],\n"
+    "           'updated_at', ARGV[2])\n"
+    "if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
+    "return n\n";
+
+/* A turn whose produce failed. ARGV: turn, is_new. */
+static const char LUA_REJECT[] = "local p = 't' .. ARGV[1] .. '.'\n"
+                                 "if redis.call('HGET', KEYS[1], p .. 'status') ~= 'pending' then return 0 end\n"
+                                 "if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'turns') == '1' then\n"
+                                 "  redis.call('DEL', KEYS[1])\n"
+                                 "  return 1\n"
+                                 "end\n"
+                                 "redis.call('HSET', KEYS[1], p .. 'status', 'rejected')\n"
+                                 "return 1\n";
+
+/* The worker takes a prompt. ARGV: turn (0 = allocate), prompt, now, ttl, source field (k.<partition>.<offset>).
+ * Returns {turn, HGETALL}. */
+static const char LUA_BEGIN[] = "local n = tonumber(ARGV[1])\n"
+                                "if redis.call('EXISTS', KEYS[1]) == 0 then\n"
+                                "  redis.call('HSET', KEYS[1], 'turns', 0, 'created_at', ARGV[3])\n"
+                                "end\n"
+                                "if n == 0 then\n"
+                                "  local known = redis.call('HGET', KEYS[1], ARGV[5])\n"
+                                "  if known then n = tonumber(known) else\n"
+                                "    n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
+                                "    redis.call('HSET', KEYS[1], ARGV[5], n)\n"
+                                "  end\n"
+                                "elseif tonumber(redis.call('HGET', KEYS[1], 'turns') or '0') < n then\n"
+                                "  redis.call('HSET', KEYS[1], 'turns', n)\n"
+                                "end\n"
+                                "local p = 't' .. n .. '.'\n"
+                                "if not redis.call('HGET', KEYS[1], p .. 'prompt') then\n"
+                                "  redis.call('HSET', KEYS[1], p .. 'prompt', ARGV[2], p .. 'submitted_at', ARGV[3])\n"
+                                "end\n"
+                                "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+                                "if not s or s == 'pending' or s == 'rejected' then\n"
+                                "  redis.call('HSET', KEYS[1], p .. 'status', 'in_progress', 'updated_at', ARGV[3])\n"
+                                "end\n"
+                                "if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end\n"
+                                "return {n, redis.call('HGETALL', KEYS[1])}\n";
+
+/* Records a turn's outcome once. ARGV: turn, status, response, model, prompt_tokens, completion_tokens,
+ * total_tokens, finish_reason, error_code, error_message, now, attempts, ttl. Returns 1 stored, 0 already,
+ * -1 conversation gone (deleted or expired: not resurrected). */
+static const char LUA_FINISH[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "local p = 't' .. ARGV[1] .. '.'\n"
+    "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+    "if s == 'complete' or s == 'failed' then return 0 end\n"
+    "redis.call('HSET', KEYS[1], p .. 'status', ARGV[2], p .. 'response', ARGV[3], p .. 'model', ARGV[4],\n"
+    "  p .. 'prompt_tokens', ARGV[5], p .. 'completion_tokens', ARGV[6], p .. 'total_tokens', ARGV[7],\n"
+    "  p .. 'finish_reason', ARGV[8], p .. 'completed_at', ARGV[11], p .. 'attempts', ARGV[12],\n"
+    "  'updated_at', ARGV[11])\n"
+    "if ARGV[2] == 'failed' then\n"
+    "  redis.call('HSET', KEYS[1], p .. 'error_code', ARGV[9], p .. 'error_message', ARGV[10])\n"
+    "end\n"
+    "if tonumber(ARGV[13]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[13]) end\n"
+    "return 1\n";
+
+static const char LUA_PUBLISHED[] = "if redis.call('EXISTS', KEYS[1]) == 1 then\n"
+                                    "  redis.call('HSET', KEYS[1], 't' .. ARGV[1] .. '.published', '1')\n"
+                                    "end\n"
+                                    "return 1\n";
+
+enum op_kind { OP_SUBMIT, OP_REJECT, OP_LOAD, OP_BEGIN, OP_FINISH, OP_PUBLISHED, OP_AUTH };
+
+struct store {
+    struct event_base *base;
+    const struct config *cfg;
+    redisAsyncContext *ac; /* NULL while disconnected */
+    bool connected;
+    bool closing;
+    struct event *reconnect_ev;
+    int reconnect_ms;
+};
+
+struct op {
+    struct store *st;
+    enum op_kind kind;
+    bool answered;
+    struct event *timer;
+    void *arg;
+    union {
+        store_submit_cb *submit;
+        store_conv_cb *conv;
+        store_begin_cb *begin;
+        store_done_cb *done;
+    } cb;
+    char conv_id[72];
+};
+
+static void store_connect(struct store *st);
+
+const char *turn_status_name(enum turn_status s)
+{
+    switch (s) {
+    case TURN_PENDING:
+        return "pending";
+    case TURN_IN_PROGRESS:
+        return "in_progress";
+    case TURN_COMPLETE:
+        return "complete";
+    case TURN_FAILED:
+        return "failed";
+    case TURN_REJECTED:
+        return "rejected";
+    case TURN_NONE:
+        break;
+    }
+    return "none";
+}
+
+static enum turn_status parse_status(const char *s)
+{
+    if (strcmp(s, "pending") == 0)
+        return TURN_PENDING;
+    if (strcmp(s, "in_progress") == 0)
+        return TURN_IN_PROGRESS;
+    if (strcmp(s, "complete") == 0)
+        return TURN_COMPLETE;
+    if (strcmp(s, "failed") == 0)
+        return TURN_FAILED;
+    if (strcmp(s, "rejected") == 0)
+        return TURN_REJECTED;
+    return TURN_NONE;
+}
+
+long conv_current_turn(const struct conv *conv)
+{
+    for (long n = conv->nturns; n >= 1; n--)
+        if (conv->turn[n].status != TURN_REJECTED && conv->turn[n].status != TURN_NONE)
+            return n;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- connection */
+
+static void schedule_reconnect(struct store *st)
+{
+    if (st->closing || evtimer_pending(st->reconnect_ev, NULL))
+        return;
+    struct timeval tv = {st->reconnect_ms / 1000, (st->reconnect_ms % 1000) * 1000};
+    evtimer_add(st->reconnect_ev, &tv);
+    st->reconnect_ms = st->reconnect_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS : st->reconnect_ms * 2;
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    struct store *st = ac->data;
+    if (status != REDIS_OK) {
+        log_warn("redis: cannot connect to %s:%ld: %s", st->cfg->redis_host, st->cfg->redis_port, ac->errstr);
+        st->ac = NULL; /* hiredis frees the context after this callback */
+        schedule_reconnect(st);
+        return;
+    }
+    log_info("redis: connected to %s:%ld", st->cfg->redis_host, st->cfg->redis_port);
+    st->connected = true;
+    st->reconnect_ms = RECONNECT_MIN_MS;
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    struct store *st = ac->data;
+    if (!st->closing)
+        log_warn("redis: disconnected%s%s", status == REDIS_OK ? "" : ": ", status == REDIS_OK ? "" : ac->errstr);
+    st->ac = NULL;
+    st->connected = false;
+    schedule_reconnect(st);
+}
+
+static void reconnect_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    store_connect(arg);
+}
+
+static void auth_cb(redisAsyncContext *ac, void *r, void *privdata)
+{
+    (void)ac;
+    (void)privdata;
+    redisReply *reply = r;
+    if (reply && reply->type == REDIS_REPLY_ERROR)
+        log_error("redis: AUTH failed: %s", reply->str);
+}
+
+static void store_connect(struct store *st)
+{
+    redisAsyncContext *ac = redisAsyncConnect(st->cfg->redis_host, (int)st->cfg->redis_port);
+    if (!ac || ac->err) {
+        log_warn("redis: connect: %s", ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        schedule_reconnect(st);
+        return;
+    }
+    ac->data = st;
+    redisLibeventAttach(ac, st->base);
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    st->ac = ac;
+    if (st->cfg->redis_password[0])
+        redisAsyncCommand(ac, auth_cb, NULL, "AUTH %s", st->cfg->redis_password);
+}
+
+struct store *store_new(struct event_base *base, const struct config *cfg)
+{
+    struct store *st = xcalloc(1, sizeof *st);
+    st->base = base;
+    st->cfg = cfg;
+    st->reconnect_ms = RECONNECT_MIN_MS;
+    st->reconnect_ev = evtimer_new(base, reconnect_cb, st);
+    store_connect(st);
+    return st;
+}
+
+void store_free(struct store *st)
+{
+    if (!st)
+        return;
+    st->closing = true;
+    if (st->ac)
+        redisAsyncFree(st->ac); /* answers pending commands with NULL replies */
+    event_free(st->reconnect_ev);
+    free(st);
+}
+
+bool store_connected(const struct store *st)
+{
+    return st->connected;
+}
+
+/* ---------------------------------------------------------------- operations */
+
+static void op_answer_error(struct op *op, int rc)
+{
+    switch (op->kind) {
+    case OP_SUBMIT:
+        op->cb.submit(op->arg, rc, 0);
+        break;
+    case OP_LOAD:
+        op->cb.conv(op->arg, rc, NULL);
+        break;
+    case OP_BEGIN:
+        op->cb.begin(op->arg, rc, 0, NULL);
+        break;
+    case OP_FINISH:
+        op->cb.done(op->arg, rc, false);
+        break;
+    default:
+        break;
+    }
+}
+
+static bool has_callback(const struct op *op)
+{
+    return op->kind == OP_SUBMIT || op->kind == OP_LOAD || op->kind == OP_BEGIN || op->kind == OP_FINISH;
+}
+
+static void op_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct op *op = arg;
+    struct store *st = op->st;
+    log_warn("redis: command timed out after %ld ms; dropping the connection", st->cfg->redis_timeout_ms);
+    op->answered = true;
+    if (has_callback(op))
+        op_answer_error(op, STORE_EUNAVAILABLE);
+    /* Answers every pending command (this one too, which then only frees op). Not redisAsyncDisconnect(),
+     * which would wait for the replies of a server that stopped answering. */
+    redisAsyncContext *ac = st->ac;
+    st->ac = NULL;
+    st->connected = false;
+    if (ac)
+        redisAsyncFree(ac);
+    schedule_reconnect(st);
+}
+
+static long parse_long(const char *s)
+{
+    return s ? strtol(s, NULL, 10) : 0;
+}
+
+/* Builds a struct conv over an HGETALL reply (strings point into the reply). Returns -1 on a malformed reply. */
+static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
+{
+    memset(conv, 0, sizeof *conv);
+    conv->id = id;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2)
+        return -1;
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        if (r->element[i]->type == REDIS_REPLY_STRING && strcmp(r->element[i]->str, "turns") == 0)
+            conv->nturns = parse_long(r->element[i + 1]->str);
+    }
+    if (conv->nturns < 0 || conv->nturns > 1000000)
+        return -1;
+    conv->turn = xcalloc((size_t)conv->nturns + 1, sizeof *conv->turn);
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        const redisReply *k = r->element[i], *v = r->element[i + 1];
+        if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+            continue;
+        if (strcmp(k->str, "created_at") == 0)
+            conv->created_at = parse_long(v->str);
+        else if (strcmp(k->str, "updated_at") == 0)
+            conv->updated_at = parse_long(v->str);
+        if (k->str[0] != 't' || k->str[1] < '0' || k->str[1] > '9')
+            continue;
+        char *dot;
+        long n = strtol(k->str + 1, &dot, 10);
+        if (*dot != '.' || n < 1 || n > conv->nturns)
+            continue;
+        struct turn *t = &conv->turn[n];
+        const char *f = dot + 1;
+        if (strcmp(f, "status") == 0)
+            t->status = parse_status(v->str);
+        else if (strcmp(f, "prompt") == 0) {
+            t->prompt = v->str;
+            t->prompt_len = v->len;
+        } else if (strcmp(f, "response") == 0) {
+            t->response = v->str;
+            t->response_len = v->len;
+        } else if (strcmp(f, "model") == 0)
+            t->model = v->str;
+        else if (strcmp(f, "finish_reason") == 0)
+            t->finish_reason = v->str;
+        else if (strcmp(f, "error_code") == 0)
+            t->error_code = v->str;
+        else if (strcmp(f, "error_message") == 0)
+            t->error_message = v->str;
+        else if (strcmp(f, "prompt_tokens") == 0)
+            t->prompt_tokens = parse_long(v->str);
+        else if (strcmp(f, "completion_tokens") == 0)
+            t->completion_tokens = parse_long(v->str);
+        else if (strcmp(f, "total_tokens") == 0)
+            t->total_tokens = parse_long(v->str);
+        else if (strcmp(f, "attempts") == 0)
+            t->attempts = parse_long(v->str);
+        else if (strcmp(f, "submitted_at") == 0)
+            t->submitted_at = parse_long(v->str);
+        else if (strcmp(f, "completed_at") == 0)
+            t->completed_at = parse_long(v->str);
+        else if (strcmp(f, "published") == 0)
+            t->published = true;
+    }
+    return 0;
+}
+
+static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
+{
+    (void)ac;
+    struct op *op = privdata;
+    redisReply *reply = r;
+    if (op->timer)
+        event_free(op->timer);
+    if (op->answered || !has_callback(op)) {
+        if (reply && reply->type == REDIS_REPLY_ERROR)
+            log_error("redis: %s", reply->str);
+        free(op);
+        return;
+    }
+    op->answered = true;
+    if (!reply || reply->type == REDIS_REPLY_ERROR) {
+        if (reply)
+            log_error("redis: %s", reply->str);
+        op_answer_error(op, STORE_EUNAVAILABLE);
+        free(op);
+        return;
+    }
+    struct conv conv = {0};
+    switch (op->kind) {
+    case OP_SUBMIT:
+        if (reply->type != REDIS_REPLY_INTEGER)
+            op->cb.submit(op->arg, STORE_EUNAVAILABLE, 0);
+        else if (reply->integer == -1)
+            op->cb.submit(op->arg, STORE_ENOTFOUND, 0);
+        else if (reply->integer == -2)
+            op->cb.submit(op->arg, STORE_EEXISTS, 0);
+        else
+            op->cb.submit(op->arg, STORE_OK, (long)reply->integer);
+        break;
+    case OP_LOAD:
+        if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 0)
+            op->cb.conv(op->arg, STORE_ENOTFOUND, NULL);
+        else if (conv_parse(&conv, op->conv_id, reply))
+            op->cb.conv(op->arg, STORE_EUNAVAILABLE, NULL);
+        else
+            op->cb.conv(op->arg, STORE_OK, &conv);
+        break;
+    case OP_BEGIN:
+        if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+            reply->element[0]->type != REDIS_REPLY_INTEGER || conv_parse(&conv, op->conv_id, reply->element[1]))
+            op->cb.begin(op->arg, STORE_EUNAVAILABLE, 0, NULL);
+        else
+            op->cb.begin(op->arg, STORE_OK, (long)reply->element[0]->integer, &conv);
+        break;
+    case OP_FINISH:
+        if (reply->type != REDIS_REPLY_INTEGER)
+            op->cb.done(op->arg, STORE_EUNAVAILABLE, false);
+        else if (reply->integer < 0)
+            op->cb.done(op->arg, STORE_ENOTFOUND, false);
+        else
+            op->cb.done(op->arg, STORE_OK, reply->integer == 1);
+        break;
+    default:
+        break;
+    }
+    if (op->kind == OP_LOAD || op->kind == OP_BEGIN)
+        free(conv.turn);
+    free(op);
+}
+
+/* Sends a command for op (argv[0..argc)); answers STORE_EUNAVAILABLE at once if Redis is down. */
+static void op_send(struct store *st, struct op *op, int argc, const char **argv, const size_t *lens)
+{
+    op->st = st;
+    if (!st->ac || !st->connected || redisAsyncCommandArgv(st->ac, op_reply_cb, op, argc, argv, lens) != REDIS_OK) {
+        if (has_callback(op))
+            op_answer_error(op, STORE_EUNAVAILABLE);
+        free(op);
+        return;
+    }
+    op->timer = evtimer_new(st->base, op_timeout_cb, op);
+    struct timeval tv = {st->cfg->redis_timeout_ms / 1000, (st->cfg->redis_timeout_ms % 1000) * 1000};
+    evtimer_add(op->timer, &tv);
+}
+
+static struct op *op_new(enum op_kind kind, const char *conv_id, void *arg)
+{
+    struct op *op = xcalloc(1, sizeof *op);
+    op->kind = kind;
+    op->arg = arg;
+    snprintf(op->conv_id, sizeof op->conv_id, "%s", conv_id);
+    return op;
+}
+
+#define KEYBUF(name, id)                                                                                               \
+    char name[96];                                                                                                     \
+    snprintf(name, sizeof name, KEY_PREFIX "%s", id)
+
+void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
+                  store_submit_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    char now[24], ttl[24];
+    snprintf(now, sizeof now, "%" PRId64, now_ms());
+    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
+    const char *argv[] = {"EVAL", LUA_SUBMIT, "1", key, prompt, now, ttl, is_new ? "1" : "0"};
+    size_t lens[] = {4, sizeof LUA_SUBMIT - 1, 1, strlen(key), prompt_len, strlen(now), strlen(ttl), 1};
+    struct op *op = op_new(OP_SUBMIT, conv_id, arg);
+    op->cb.submit = cb;
+    op_send(st, op, 8, argv, lens);
+}
+
+void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
+{
+    KEYBUF(key, conv_id);
+    char t[24];
+    snprintf(t, sizeof t, "%ld", turn);
+    const char *argv[] = {"EVAL", LUA_REJECT, "1", key, t, is_new ? "1" : "0"};
+    size_t lens[] = {4, sizeof LUA_REJECT - 1, 1, strlen(key), strlen(t), 1};
+    op_send(st, op_new(OP_REJECT, conv_id, NULL), 6, argv, lens);
+}
+
+void store_load(struct store *st, const char *conv_id, store_conv_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    const char *argv[] = {"HGETALL", key};
+    size_t lens[] = {7, strlen(key)};
+    struct op *op = op_new(OP_LOAD, conv_id, arg);
+    op->cb.conv = cb;
+    op_send(st, op, 2, argv, lens);
+}
+
+void store_begin(struct store *st, const char *conv_id, long turn, const char *prompt, size_t prompt_len,
+                 int32_t partition, int64_t offset, store_begin_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    char t[24], now[24], ttl[24], src[64];
+    snprintf(t, sizeof t, "%ld", turn);
+    snprintf(now, sizeof now, "%" PRId64, now_ms());
+    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
+    snprintf(src, sizeof src, "k.%" PRId32 ".%" PRId64, partition, offset);
+    const char *argv[] = {"EVAL", LUA_BEGIN, "1", key, t, prompt, now, ttl, src};
+    size_t lens[] = {4,          sizeof LUA_BEGIN - 1, 1,           strlen(key), strlen(t),
+                     prompt_len, strlen(now),          strlen(ttl), strlen(src)};
+    struct op *op = op_new(OP_BEGIN, conv_id, arg);
+    op->cb.begin = cb;
+    op_send(st, op, 9, argv, lens);
+}
+
+static const char *nz(const char *s)
+{
+    return s ? s : "";
+}
+
+void store_finish(struct store *st, const char *conv_id, long turn, const struct turn_result *res, store_done_cb *cb,
+                  void *arg)
+{
+    KEYBUF(key, conv_id);
+    char t[24], pt[24], ct[24], tt[24], now[24], att[24], ttl[24];
+    snprintf(t, sizeof t, "%ld", turn);
+    snprintf(pt, sizeof pt, "%ld", res->prompt_tokens);
+    snprintf(ct, sizeof ct, "%ld", res->completion_tokens);
+    snprintf(tt, sizeof tt, "%ld", res->total_tokens);
+    snprintf(now, sizeof now, "%" PRId64, now_ms());
+    snprintf(att, sizeof att, "%ld", res->attempts);
+    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
+    const char *status = turn_status_name(res->status);
+    const char *argv[] = {"EVAL",
+                          LUA_FINISH,
+                          "1",
+                          key,
+                          t,
+                          status,
+                          nz(res->response),
+                          nz(res->model),
+                          pt,
+                          ct,
+                          tt,
+                          nz(res->finish_reason),
+                          nz(res->error_code),
+                          nz(res->error_message),
+                          now,
+                          att,
+                          ttl};
+    size_t lens[17];
+    for (int i = 0; i < 17; i++)
+        lens[i] = strlen(argv[i]);
+    lens[6] = res->response ? res->response_len : 0;
+    struct op *op = op_new(OP_FINISH, conv_id, arg);
+    op->cb.done = cb;
+    op_send(st, op, 17, argv, lens);
+}
+
+void store_mark_published(struct store *st, const char *conv_id, long turn)
+{
+    KEYBUF(key, conv_id);
+    char t[24];
+    snprintf(t, sizeof t, "%ld", turn);
+    const char *argv[] = {"EVAL", LUA_PUBLISHED, "1", key, t};
+    size_t lens[] = {4, sizeof LUA_PUBLISHED - 1, 1, strlen(key), strlen(t)};
+    op_send(st, op_new(OP_PUBLISHED, conv_id, NULL), 5, argv, lens);
+}

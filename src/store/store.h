@@ -1,0 +1,89 @@
+/* store.h - the conversation store in Redis (hiredis async API on the caller's libevent loop).
+ *
+ * One hash per conversation, `asyncllm:conv:<id>` (field names in docs/CONTRACTS.md). Every write is a Lua
+ * script, so each is atomic and idempotent per (conversation, turn): a turn's result is stored once, and a
+ * replayed write after a crash or a rebalance changes nothing.
+ *
+ * Every operation answers exactly once, through its callback, on the loop's thread: with the result, or with
+ * STORE_EUNAVAILABLE when Redis is down or the command passed its deadline. The store reconnects by itself.
+ * Data handed to a callback (struct conv and its strings) is only valid during the call. */
+#ifndef ASYNCLLM_STORE_H
+#define ASYNCLLM_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct config;
+struct store;
+
+enum store_rc {
+    STORE_OK = 0,
+    STORE_ENOTFOUND = -1,    /* no such conversation */
+    STORE_EEXISTS = -2,      /* a new conversation's id is taken (practically impossible with 132 random bits) */
+    STORE_EUNAVAILABLE = -3, /* Redis down, command timed out, or an unexpected reply */
+};
+
+enum turn_status { TURN_NONE = 0, TURN_PENDING, TURN_IN_PROGRESS, TURN_COMPLETE, TURN_FAILED, TURN_REJECTED };
+
+struct turn {
+    enum turn_status status;
+    const char *prompt, *response, *model, *finish_reason, *error_code, *error_message;
+    size_t prompt_len, response_len;
+    long prompt_tokens, completion_tokens, total_tokens, attempts;
+    int64_t submitted_at, completed_at;
+    bool published; /* the worker saw the broker ack its response message */
+};
+
+struct conv {
+    const char *id;
+    long nturns; /* turns allocated; turn[1..nturns] are valid, turn[0] unused */
+    struct turn *turn;
+    int64_t created_at, updated_at;
+};
+
+/* The turn /polling shows: the highest one that was not rejected (0 if none). */
+long conv_current_turn(const struct conv *conv);
+const char *turn_status_name(enum turn_status s);
+
+/* The outcome of one LLM call, as the worker stores it. Strings are copied by the store. */
+struct turn_result {
+    enum turn_status status; /* TURN_COMPLETE or TURN_FAILED */
+    const char *response, *model, *finish_reason, *error_code, *error_message;
+    size_t response_len;
+    long prompt_tokens, completion_tokens, total_tokens, attempts;
+};
+
+typedef void store_submit_cb(void *arg, int rc, long turn);
+typedef void store_conv_cb(void *arg, int rc, const struct conv *conv);
+typedef void store_begin_cb(void *arg, int rc, long turn, const struct conv *conv);
+typedef void store_done_cb(void *arg, int rc, bool stored);
+
+struct store *store_new(struct event_base *base, const struct config *cfg);
+/* Closes the connection; pending operations answer STORE_EUNAVAILABLE before this returns. */
+void store_free(struct store *st);
+bool store_connected(const struct store *st);
+
+/* API: allocates a turn for a prompt, as pending. is_new creates the conversation (STORE_EEXISTS if taken);
+ * otherwise the conversation must exist (STORE_ENOTFOUND). The callback gets the turn number. */
+void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
+                  store_submit_cb *cb, void *arg);
+/* API: the produce of an allocated turn failed, so the client got no 202: deletes a new conversation, or marks
+ * the turn rejected. No callback. */
+void store_reject(struct store *st, const char *conv_id, long turn, bool is_new);
+/* Reads a whole conversation (STORE_ENOTFOUND if absent). */
+void store_load(struct store *st, const char *conv_id, store_conv_cb *cb, void *arg);
+
+/* Worker: takes a prompt message. turn > 0 names the turn (as the API produced it); turn = 0 (a message from
+ * another producer) allocates one, remembered by partition and offset so that a redelivery gets the same turn.
+ * A pending turn becomes in_progress. The callback gets the turn and the whole conversation. */
+void store_begin(struct store *st, const char *conv_id, long turn, const char *prompt, size_t prompt_len,
+                 int32_t partition, int64_t offset, store_begin_cb *cb, void *arg);
+/* Worker: records a turn's outcome unless one is already recorded (then stored = false). */
+void store_finish(struct store *st, const char *conv_id, long turn, const struct turn_result *res, store_done_cb *cb,
+                  void *arg);
+/* Worker: the turn's response message was acknowledged by the broker. No callback. */
+void store_mark_published(struct store *st, const char *conv_id, long turn);
+
+#endif

@@ -1,0 +1,980 @@
+/* worker.c - see worker.h and docs/WORKER.md.
+ *
+ * Data structures
+ *   part   one per assigned partition: its jobs in offset order (a ring). The committable offset of a partition
+ *          is the offset of its first unfinished job, or the offset after the last message when all are done.
+ *   keyq   one per (partition, conversation): the jobs of that conversation in offset order. Only its head
+ *          runs; the next starts when the head is done. This is what keeps a conversation's turns in order.
+ *   ready  jobs at the head of their keyq waiting for an LLM slot (max-in-flight), in arrival order.
+ *
+ * A job's life: WAIT_KEY -> READY -> BEGIN (Redis: take the turn, read the history) -> CALL (LLM) ->
+ * FINISH (Redis: store the result once) -> PUBLISH (Kafka: response, and dead letter on failure) -> DONE.
+ * Failures of Redis or Kafka are retried on a timer forever (nothing is dropped); LLM failures are retried up
+ * to max-attempts and prompt-deadline-ms, then the turn fails for good. A job waiting on a timer holds no slot.
+ *
+ * Lifetimes: a job belongs to its part's ring until it is done and every job before it is done. When a
+ * partition is revoked, its jobs are abandoned: timers and LLM calls are cancelled at once; a job waiting on a
+ * Redis reply or a delivery report is marked and freed when that callback arrives. Every job is also on
+ * w->jobs, so nothing leaks at exit. */
+#include "worker/worker.h"
+
+#include "core/config.h"
+#include "core/log.h"
+#include "core/map.h"
+#include "core/util.h"
+#include "kafka/kafka.h"
+#include "llm/chat.h"
+#include "llm/llm.h"
+#include "store/store.h"
+
+#include <event2/event.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define STORE_RETRY_MS 200
+#define STORE_RETRY_MAX_MS 5000
+
+enum job_state { J_WAIT_KEY, J_READY, J_BEGIN, J_CALL, J_BACKOFF, J_FINISH, J_PUBLISH, J_DONE };
+enum job_step { STEP_BEGIN, STEP_CALL, STEP_FINISH, STEP_PUBLISH };
+
+struct part;
+struct keyq;
+
+struct job {
+    struct worker *w;
+    struct part *part;                   /* NULL once abandoned */
+    struct keyq *kq;                     /* NULL for an invalid message, or once abandoned */
+    struct job *key_next;                /* next job of the same keyq */
+    struct job *ready_prev, *ready_next; /* on w->ready while J_READY */
+    struct job *all_prev, *all_next;     /* on w->jobs always */
+    enum job_state state;
+    enum job_step step; /* what the backoff timer resumes */
+    bool abandoned;
+    bool has_slot;
+    bool op_pending; /* a Redis reply is due */
+    int drs_pending; /* delivery reports due */
+    bool publish_failed;
+    bool invalid; /* not a usable prompt message: dead-lettered only */
+    int32_t partition;
+    int64_t offset;
+    char *conv_id;
+    char *prompt;
+    size_t prompt_len;
+    long turn;
+    char *orig_value; /* the message as consumed, for the dead-letter topic */
+    size_t orig_len;
+    int attempts;       /* LLM calls made */
+    int store_failures; /* consecutive Redis/Kafka failures, for their backoff */
+    int64_t taken_ms;   /* monotonic time the worker took the job */
+    char *req_body;
+    size_t req_len;
+    struct llm_call *call;
+    struct event *timer;
+    enum turn_status outcome; /* TURN_COMPLETE or TURN_FAILED once known */
+    struct chat_result res;
+    char err_code[48];
+    char err_msg[512];
+};
+
+struct keyq {
+    char key[96]; /* "<partition>/<conversation id>" */
+    struct job *head, *tail;
+};
+
+struct part {
+    int32_t partition;
+    struct job **ring;
+    size_t head, count, cap;
+    int64_t next_offset; /* offset after the last message received, -1 if none yet */
+    int64_t committed;   /* last offset we committed, -1 if none */
+};
+
+struct worker {
+    struct event_base *base;
+    const struct config *cfg;
+    struct kafka_consumer *kc;
+    struct kafka_producer *kp;
+    struct store *st;
+    struct llm *llm;
+    struct map *keys;
+    struct part **parts; /* indexed by partition number */
+    int nparts;
+    rd_kafka_topic_partition_list_t *assignment;
+    struct job *ready_head, *ready_tail;
+    struct job *jobs; /* every job alive */
+    long in_flight;   /* slots held */
+    long buffered;    /* jobs on part rings */
+    long active;      /* jobs past READY and not done */
+    bool paused;
+    bool draining;
+    struct event *commit_timer;
+    struct event *grace_timer;
+    void (*on_drained)(void *);
+    void *drained_arg;
+    /* counters (exported by /metrics in a later step) */
+    unsigned long completed, failed, retried, llm_calls, dead_lettered;
+};
+
+static void job_step_run(struct job *job);
+static void job_done(struct job *job);
+static void job_publish(struct job *job);
+static void job_finish(struct job *job);
+static void slot_release(struct worker *w);
+static void check_drained(struct worker *w);
+static void drained_now(struct worker *w);
+
+/* ---------------------------------------------------------------- job memory */
+
+static void job_free(struct job *job)
+{
+    struct worker *w = job->w;
+    if (job->all_prev)
+        job->all_prev->all_next = job->all_next;
+    else
+        w->jobs = job->all_next;
+    if (job->all_next)
+        job->all_next->all_prev = job->all_prev;
+    if (job->timer)
+        event_free(job->timer);
+    if (job->call)
+        llm_cancel(job->call);
+    free(job->conv_id);
+    free(job->prompt);
+    free(job->orig_value);
+    free(job->req_body);
+    chat_result_free(&job->res);
+    free(job);
+}
+
+/* Drops the heavy parts of a finished job; the struct stays on its ring until the offsets before it finish. */
+static void job_shrink(struct job *job)
+{
+    free(job->prompt);
+    free(job->orig_value);
+    free(job->req_body);
+    job->prompt = job->orig_value = job->req_body = NULL;
+    chat_result_free(&job->res);
+}
+
+/* ---------------------------------------------------------------- partitions and offsets */
+
+static struct part *part_get(struct worker *w, int32_t p)
+{
+    return p >= 0 && p < w->nparts ? w->parts[p] : NULL;
+}
+
+static void part_push(struct part *part, struct job *job)
+{
+    if (part->count == part->cap) {
+        size_t cap = part->cap ? part->cap * 2 : 64;
+        struct job **ring = xcalloc(cap, sizeof *ring);
+        for (size_t i = 0; i < part->count; i++)
+            ring[i] = part->ring[(part->head + i) % part->cap];
+        free(part->ring);
+        part->ring = ring;
+        part->cap = cap;
+        part->head = 0;
+    }
+    part->ring[(part->head + part->count) % part->cap] = job;
+    part->count++;
+}
+
+/* The offset to commit: the first unfinished one. */
+static int64_t part_committable(const struct part *part)
+{
+    return part->count ? part->ring[part->head]->offset : part->next_offset;
+}
+
+static void check_backpressure(struct worker *w)
+{
+    if (!w->assignment || w->draining)
+        return;
+    if (!w->paused && w->buffered >= w->cfg->max_buffered) {
+        kafka_consumer_pause(w->kc, w->assignment, true);
+        w->paused = true;
+        log_debug("paused fetching: %ld prompts buffered", w->buffered);
+    } else if (w->paused && w->buffered <= w->cfg->max_buffered * 3 / 4) {
+        kafka_consumer_pause(w->kc, w->assignment, false);
+        w->paused = false;
+        log_debug("resumed fetching: %ld prompts buffered", w->buffered);
+    }
+}
+
+/* Frees the finished jobs at the head of the ring. */
+static void part_advance(struct worker *w, struct part *part)
+{
+    while (part->count && part->ring[part->head]->state == J_DONE) {
+        job_free(part->ring[part->head]);
+        part->head = (part->head + 1) % part->cap;
+        part->count--;
+        w->buffered--;
+    }
+    check_backpressure(w);
+}
+
+/* Commits every partition whose committable offset moved. With a list, only those partitions. */
+static void commit_finished(struct worker *w, const rd_kafka_topic_partition_list_t *only, bool async)
+{
+    rd_kafka_topic_partition_list_t *offs = rd_kafka_topic_partition_list_new(8);
+    for (int p = 0; p < w->nparts; p++) {
+        struct part *part = w->parts[p];
+        if (!part)
+            continue;
+        if (only && !rd_kafka_topic_partition_list_find(only, w->cfg->topic_prompts, p))
+            continue;
+        int64_t off = part_committable(part);
+        /* A synchronous commit (revoke, shutdown) repeats the last one too, in case an async one failed. */
+        if (off < 0 || (async && off <= part->committed))
+            continue;
+        rd_kafka_topic_partition_list_add(offs, w->cfg->topic_prompts, p)->offset = off;
+        part->committed = off;
+    }
+    if (offs->cnt > 0) {
+        log_debug("committing %d partition(s)", offs->cnt);
+        kafka_consumer_commit(w->kc, offs, async);
+    }
+    rd_kafka_topic_partition_list_destroy(offs);
+}
+
+static void commit_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    commit_finished(arg, NULL, true);
+}
+
+/* ---------------------------------------------------------------- slots and the ready queue */
+
+static void ready_remove(struct worker *w, struct job *job)
+{
+    if (job->ready_prev)
+        job->ready_prev->ready_next = job->ready_next;
+    else
+        w->ready_head = job->ready_next;
+    if (job->ready_next)
+        job->ready_next->ready_prev = job->ready_prev;
+    else
+        w->ready_tail = job->ready_prev;
+    job->ready_prev = job->ready_next = NULL;
+}
+
+/* Runs the job's next step that needs an LLM slot, now or when one frees. */
+static void slot_acquire(struct job *job)
+{
+    struct worker *w = job->w;
+    if (w->draining) {
+        /* Not started after all: the next owner of the partition will do it. */
+        job->state = J_WAIT_KEY;
+        w->active--;
+        check_drained(w);
+        return;
+    }
+    if (w->in_flight < w->cfg->max_in_flight && !w->draining) {
+        w->in_flight++;
+        job->has_slot = true;
+        job_step_run(job);
+        return;
+    }
+    job->state = J_READY;
+    job->ready_prev = w->ready_tail;
+    job->ready_next = NULL;
+    if (w->ready_tail)
+        w->ready_tail->ready_next = job;
+    else
+        w->ready_head = job;
+    w->ready_tail = job;
+}
+
+static void slot_release(struct worker *w)
+{
+    w->in_flight--;
+    while (w->ready_head && w->in_flight < w->cfg->max_in_flight && !w->draining) {
+        struct job *job = w->ready_head;
+        ready_remove(w, job);
+        w->in_flight++;
+        job->has_slot = true;
+        job_step_run(job);
+    }
+}
+
+static void job_drop_slot(struct job *job)
+{
+    if (job->has_slot) {
+        job->has_slot = false;
+        slot_release(job->w);
+    }
+}
+
+/* ---------------------------------------------------------------- backoff */
+
+static void backoff_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct job *job = arg;
+    if (job->step == STEP_BEGIN || job->step == STEP_CALL)
+        slot_acquire(job);
+    else
+        job_step_run(job);
+}
+
+/* Waits delay_ms, then resumes at step. Holds no slot while waiting. */
+static void job_backoff(struct job *job, enum job_step step, int64_t delay_ms)
+{
+    job_drop_slot(job);
+    job->state = J_BACKOFF;
+    job->step = step;
+    if (!job->timer)
+        job->timer = evtimer_new(job->w->base, backoff_cb, job);
+    struct timeval tv = {(time_t)(delay_ms / 1000), (suseconds_t)((delay_ms % 1000) * 1000)};
+    evtimer_add(job->timer, &tv);
+}
+
+/* Redis or Kafka failed: retry forever, with a capped exponential delay. */
+static void job_retry_infra(struct job *job, enum job_step step, const char *what)
+{
+    int n = job->store_failures < 10 ? job->store_failures : 10;
+    int64_t delay = (int64_t)STORE_RETRY_MS << n;
+    if (delay > STORE_RETRY_MAX_MS)
+        delay = STORE_RETRY_MAX_MS;
+    job->store_failures++;
+    if (job->store_failures == 1 || job->store_failures % 20 == 0)
+        log_warn("conversation %s: %s unavailable; retrying (%d failures)", job->conv_id, what, job->store_failures);
+    job_backoff(job, step, delay);
+}
+
+/* ---------------------------------------------------------------- response messages */
+
+static char *response_json(const struct job *job)
+{
+    bool ok = job->outcome == TURN_COMPLETE;
+    json_t *m = json_pack(
+        "{s:s, s:s%, s:s%, s:s, s:I, s:s, s:{s:I, s:I, s:I}, s:s, s:I, s:i}", "conversation_id", job->conv_id,
+        "user_prompt", job->prompt ? job->prompt : "", job->prompt ? job->prompt_len : 0, "llm_response",
+        ok && job->res.content ? job->res.content : "", ok && job->res.content ? job->res.content_len : 0, "status",
+        ok ? "complete" : "failed", "turn", (json_int_t)job->turn, "model", job->res.model ? job->res.model : "",
+        "usage", "prompt_tokens", (json_int_t)job->res.prompt_tokens, "completion_tokens",
+        (json_int_t)job->res.completion_tokens, "total_tokens", (json_int_t)job->res.total_tokens, "finish_reason",
+        job->res.finish_reason ? job->res.finish_reason : "", "completed_at", (json_int_t)now_ms(), "attempts",
+        job->attempts);
+    if (!ok)
+        json_object_set_new(m, "error", json_pack("{s:s, s:s}", "code", job->err_code, "message", job->err_msg));
+    char *s = json_dumps(m, JSON_COMPACT);
+    json_decref(m);
+    return s;
+}
+
+static rd_kafka_headers_t *dlq_headers(const struct job *job)
+{
+    char n[32], ts[32], part[16], off[32];
+    rd_kafka_headers_t *h = rd_kafka_headers_new(6);
+    snprintf(n, sizeof n, "%d", job->attempts);
+    snprintf(ts, sizeof ts, "%" PRId64, now_ms());
+    snprintf(part, sizeof part, "%" PRId32, job->partition);
+    snprintf(off, sizeof off, "%" PRId64, job->offset);
+    rd_kafka_header_add(h, "asyncllm-error-code", -1, job->err_code, -1);
+    rd_kafka_header_add(h, "asyncllm-error-message", -1, job->err_msg, -1);
+    rd_kafka_header_add(h, "asyncllm-attempts", -1, n, -1);
+    rd_kafka_header_add(h, "asyncllm-failed-at", -1, ts, -1);
+    rd_kafka_header_add(h, "asyncllm-original-partition", -1, part, -1);
+    rd_kafka_header_add(h, "asyncllm-original-offset", -1, off, -1);
+    return h;
+}
+
+static void job_publish(struct job *job)
+{
+    struct worker *w = job->w;
+    job->state = J_PUBLISH;
+    job->publish_failed = false;
+    const char *key = job->conv_id ? job->conv_id : "";
+    rd_kafka_resp_err_t e = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (!job->invalid) {
+        char *value = response_json(job);
+        e = kafka_produce(w->kp, w->cfg->topic_responses, key, strlen(key), value, strlen(value), NULL, job);
+        free(value);
+        if (!e)
+            job->drs_pending++;
+    }
+    if (!e && job->outcome == TURN_FAILED && job->orig_value) {
+        rd_kafka_headers_t *h = dlq_headers(job);
+        e = kafka_produce(w->kp, w->cfg->topic_dlq, key, strlen(key), job->orig_value, job->orig_len, h, job);
+        if (e)
+            rd_kafka_headers_destroy(h);
+        else
+            job->drs_pending++;
+    }
+    if (e) {
+        log_warn("conversation %s: produce failed: %s", key, rd_kafka_err2str(e));
+        if (job->drs_pending == 0)
+            job_retry_infra(job, STEP_PUBLISH, "Kafka");
+        else
+            job->publish_failed = true; /* retried when the outstanding reports arrive */
+    }
+}
+
+static void worker_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset)
+{
+    (void)partition;
+    (void)offset;
+    struct job *job = opaque;
+    job->drs_pending--;
+    if (err) {
+        log_warn("conversation %s: response not delivered: %s", job->conv_id ? job->conv_id : "?",
+                 rd_kafka_err2str(err));
+        job->publish_failed = true;
+    }
+    if (job->drs_pending > 0)
+        return;
+    if (job->abandoned) {
+        job_free(job);
+        return;
+    }
+    if (job->publish_failed) {
+        job_retry_infra(job, STEP_PUBLISH, "Kafka");
+        return;
+    }
+    job->store_failures = 0;
+    if (job->outcome == TURN_FAILED)
+        job->w->dead_lettered++;
+    if (!job->invalid)
+        store_mark_published(job->w->st, job->conv_id, job->turn);
+    job_done(job);
+}
+
+/* ---------------------------------------------------------------- finishing */
+
+static void finish_cb(void *arg, int rc, bool stored)
+{
+    struct job *job = arg;
+    job->op_pending = false;
+    if (job->abandoned) {
+        job_free(job);
+        return;
+    }
+    if (rc == STORE_EUNAVAILABLE) {
+        job_retry_infra(job, STEP_FINISH, "Redis");
+        return;
+    }
+    job->store_failures = 0;
+    if (rc == STORE_ENOTFOUND) {
+        log_info("conversation %s was deleted before turn %ld finished; not published", job->conv_id, job->turn);
+        job_done(job);
+        return;
+    }
+    if (!stored)
+        log_info("conversation %s turn %ld was already stored; publishing again", job->conv_id, job->turn);
+    if (job->outcome == TURN_COMPLETE)
+        job->w->completed++;
+    else
+        job->w->failed++;
+    job_publish(job);
+}
+
+static void job_finish(struct job *job)
+{
+    struct worker *w = job->w;
+    job->state = J_FINISH;
+    struct turn_result r = {
+        .status = job->outcome,
+        .response = job->outcome == TURN_COMPLETE ? job->res.content : "",
+        .response_len = job->outcome == TURN_COMPLETE ? job->res.content_len : 0,
+        .model = job->res.model,
+        .finish_reason = job->res.finish_reason,
+        .error_code = job->err_code,
+        .error_message = job->err_msg,
+        .prompt_tokens = job->res.prompt_tokens,
+        .completion_tokens = job->res.completion_tokens,
+        .total_tokens = job->res.total_tokens,
+        .attempts = job->attempts,
+    };
+    job->op_pending = true;
+    store_finish(w->st, job->conv_id, job->turn, &r, finish_cb, job);
+}
+
+static void job_fail(struct job *job, const char *code, const char *msg)
+{
+    job->outcome = TURN_FAILED;
+    snprintf(job->err_code, sizeof job->err_code, "%s", code);
+    snprintf(job->err_msg, sizeof job->err_msg, "%s", msg);
+    log_warn("conversation %s turn %ld failed after %d attempt(s): %s: %s", job->conv_id ? job->conv_id : "?",
+             job->turn, job->attempts, code, msg);
+    if (job->invalid)
+        job_publish(job);
+    else
+        job_finish(job);
+}
+
+/* ---------------------------------------------------------------- the LLM call */
+
+static bool retryable_status(long status)
+{
+    return status == 408 || status == 409 || status == 429 || status >= 500;
+}
+
+static void call_cb(void *arg, const struct llm_response *r)
+{
+    struct job *job = arg;
+    struct worker *w = job->w;
+    job->call = NULL;
+    char msg[512], detail[300];
+    const char *code = NULL;
+    if (r->http_status == 200) {
+        if (chat_parse_response(r->body, r->body_len, &job->res, msg, sizeof msg) == 0) {
+            job_drop_slot(job);
+            job->outcome = TURN_COMPLETE;
+            job_finish(job);
+            return;
+        }
+        code = "llm_bad_response";
+    } else if (r->too_large) {
+        job_drop_slot(job);
+        job_fail(job, "llm_response_too_large", "the LLM's answer is larger than llm-max-response-bytes");
+        return;
+    } else if (r->http_status == 0) {
+        code = r->timed_out ? "llm_timeout" : "llm_connection_error";
+        snprintf(msg, sizeof msg, "%s", r->curl_error);
+    } else {
+        chat_error_summary(r->body, r->body_len, detail, sizeof detail);
+        snprintf(msg, sizeof msg, "the LLM answered HTTP %ld: %s", r->http_status, detail);
+        if (!retryable_status(r->http_status)) {
+            job_drop_slot(job);
+            job_fail(job, "llm_request_rejected", msg);
+            return;
+        }
+        code = r->http_status == 429 ? "llm_rate_limited" : "llm_server_error";
+    }
+    /* A retryable failure. */
+    int64_t cap = w->cfg->retry_base_ms << (job->attempts - 1 < 20 ? job->attempts - 1 : 20);
+    if (cap > w->cfg->retry_max_ms)
+        cap = w->cfg->retry_max_ms;
+    int64_t delay = (int64_t)rand_below((uint64_t)cap + 1); /* full jitter */
+    if (r->retry_after_ms >= 0 && r->retry_after_ms > delay)
+        delay = r->retry_after_ms;
+    bool past_deadline = mono_ms() + delay - job->taken_ms > w->cfg->prompt_deadline_ms;
+    if (job->attempts >= w->cfg->max_attempts || past_deadline) {
+        char final[600];
+        snprintf(final, sizeof final, "%s (gave up after %d attempt(s)%s)", msg, job->attempts,
+                 past_deadline ? ", past the prompt deadline" : "");
+        job_drop_slot(job);
+        job_fail(job, code, final);
+        return;
+    }
+    w->retried++;
+    log_info("conversation %s turn %ld: %s: %s; retry %d in %" PRId64 " ms", job->conv_id, job->turn, code, msg,
+             job->attempts, delay);
+    job_backoff(job, STEP_CALL, delay);
+}
+
+static void job_call(struct job *job)
+{
+    job->state = J_CALL;
+    job->attempts++;
+    job->w->llm_calls++;
+    job->call = llm_post(job->w->llm, "/chat/completions", job->req_body, job->req_len, call_cb, job);
+}
+
+/* ---------------------------------------------------------------- beginning */
+
+/* Copies a stored result into the job, for a redelivered turn that is already finished. */
+static void job_take_stored(struct job *job, const struct turn *t)
+{
+    job->outcome = t->status;
+    job->res.content = xstrndup(t->response ? t->response : "", t->response ? t->response_len : 0);
+    job->res.content_len = t->response ? t->response_len : 0;
+    job->res.model = xstrdup(t->model ? t->model : "");
+    job->res.finish_reason = xstrdup(t->finish_reason ? t->finish_reason : "");
+    job->res.prompt_tokens = t->prompt_tokens;
+    job->res.completion_tokens = t->completion_tokens;
+    job->res.total_tokens = t->total_tokens;
+    job->attempts = (int)t->attempts;
+    snprintf(job->err_code, sizeof job->err_code, "%s", t->error_code ? t->error_code : "");
+    snprintf(job->err_msg, sizeof job->err_msg, "%s", t->error_message ? t->error_message : "");
+}
+
+static void begin_cb(void *arg, int rc, long turn, const struct conv *conv)
+{
+    struct job *job = arg;
+    struct worker *w = job->w;
+    job->op_pending = false;
+    if (job->abandoned) {
+        job_free(job);
+        return;
+    }
+    if (rc != STORE_OK) {
+        job_retry_infra(job, STEP_BEGIN, "Redis");
+        return;
+    }
+    if (turn < 1 || turn > conv->nturns) {
+        job_retry_infra(job, STEP_BEGIN, "Redis (unexpected answer)");
+        return;
+    }
+    job->store_failures = 0;
+    job->turn = turn;
+    const struct turn *t = &conv->turn[turn];
+    if (t->status == TURN_COMPLETE || t->status == TURN_FAILED) {
+        /* A redelivery of a finished turn: no second LLM call, no second stored result. */
+        job_drop_slot(job);
+        job_take_stored(job, t);
+        if (t->published) {
+            log_debug("conversation %s turn %ld already finished and published", job->conv_id, turn);
+            job_done(job);
+        } else {
+            job_publish(job);
+        }
+        return;
+    }
+    /* The earlier finished turns of this conversation, then this prompt. */
+    struct chat_msg *msgs = xcalloc((size_t)turn * 2 + 1, sizeof *msgs);
+    size_t n = 0;
+    for (long i = 1; i < turn; i++) {
+        const struct turn *p = &conv->turn[i];
+        if (p->status != TURN_COMPLETE || !p->prompt)
+            continue;
+        msgs[n++] = (struct chat_msg){"user", p->prompt, p->prompt_len};
+        msgs[n++] = (struct chat_msg){"assistant", p->response ? p->response : "", p->response ? p->response_len : 0};
+    }
+    msgs[n++] = (struct chat_msg){"user", job->prompt, job->prompt_len};
+    job->req_body = chat_request_new(w->cfg->llm_model, w->cfg->llm_max_tokens, msgs, n, &job->req_len);
+    free(msgs);
+    job_call(job);
+}
+
+static void job_begin(struct job *job)
+{
+    job->state = J_BEGIN;
+    job->op_pending = true;
+    store_begin(job->w->st, job->conv_id, job->turn, job->prompt, job->prompt_len, job->partition, job->offset,
+                begin_cb, job);
+}
+
+static void job_step_run(struct job *job)
+{
+    switch (job->step) {
+    case STEP_BEGIN:
+        job_begin(job);
+        break;
+    case STEP_CALL:
+        job_call(job);
+        break;
+    case STEP_FINISH:
+        job_finish(job);
+        break;
+    case STEP_PUBLISH:
+        job_publish(job);
+        break;
+    }
+}
+
+/* A job at the head of its keyq (or an invalid message) starts. */
+static void job_start(struct job *job)
+{
+    job->w->active++;
+    job->taken_ms = mono_ms();
+    if (job->invalid) {
+        job_fail(job, job->err_code, job->err_msg);
+        return;
+    }
+    job->step = STEP_BEGIN;
+    slot_acquire(job);
+}
+
+static void job_done(struct job *job)
+{
+    struct worker *w = job->w;
+    job_drop_slot(job);
+    job->state = J_DONE;
+    w->active--;
+    job_shrink(job);
+    struct keyq *kq = job->kq;
+    if (kq) {
+        kq->head = job->key_next;
+        job->kq = NULL;
+        if (kq->head) {
+            if (!w->draining)
+                job_start(kq->head);
+        } else {
+            map_del(w->keys, kq->key);
+            free(kq);
+        }
+    }
+    if (job->part)
+        part_advance(w, job->part);
+    check_drained(w);
+}
+
+/* ---------------------------------------------------------------- consuming */
+
+static void on_message(void *ctx, rd_kafka_message_t *m)
+{
+    struct worker *w = ctx;
+    struct part *part = part_get(w, m->partition);
+    if (!part) {
+        rd_kafka_message_destroy(m);
+        return; /* a message of a partition we no longer own */
+    }
+    struct job *job = xcalloc(1, sizeof *job);
+    job->w = w;
+    job->part = part;
+    job->partition = m->partition;
+    job->offset = m->offset;
+    job->orig_value = xstrndup(m->payload ? (const char *)m->payload : "", m->len);
+    job->orig_len = m->len;
+    job->all_next = w->jobs;
+    if (w->jobs)
+        w->jobs->all_prev = job;
+    w->jobs = job;
+    part->next_offset = m->offset + 1;
+    part_push(part, job);
+    w->buffered++;
+
+    json_t *v = json_loadb(job->orig_value, job->orig_len, 0, NULL);
+    const char *cid = json_string_value(json_object_get(v, "conversation_id"));
+    json_t *prompt = json_object_get(v, "prompt");
+    json_t *turn = json_object_get(v, "turn");
+    if (m->key_len > 0 && m->key_len < 65)
+        job->conv_id = xstrndup(m->key, m->key_len);
+    else if (cid)
+        job->conv_id = xstrdup(cid);
+    if (!v || !json_is_object(v) || !json_is_string(prompt) || !job->conv_id ||
+        !conv_id_valid(job->conv_id, strlen(job->conv_id))) {
+        job->invalid = true;
+        snprintf(job->err_code, sizeof job->err_code, "invalid_message");
+        snprintf(job->err_msg, sizeof job->err_msg,
+                 "not a prompt message: expected JSON {\"conversation_id\", \"prompt\"} keyed by conversation_id");
+    } else {
+        job->prompt = xstrndup(json_string_value(prompt), json_string_length(prompt));
+        job->prompt_len = json_string_length(prompt);
+        job->turn = json_is_integer(turn) && json_integer_value(turn) > 0 ? (long)json_integer_value(turn) : 0;
+    }
+    json_decref(v);
+    rd_kafka_message_destroy(m);
+
+    if (job->invalid) {
+        job_start(job);
+    } else {
+        char key[96];
+        snprintf(key, sizeof key, "%" PRId32 "/%s", job->partition, job->conv_id);
+        struct keyq *kq = map_get(w->keys, key);
+        if (!kq) {
+            kq = xcalloc(1, sizeof *kq);
+            snprintf(kq->key, sizeof kq->key, "%s", key);
+            map_put(w->keys, kq->key, kq);
+        }
+        job->kq = kq;
+        if (kq->head) {
+            kq->tail->key_next = job; /* waits for the turns before it */
+            kq->tail = job;
+        } else {
+            kq->head = kq->tail = job;
+            job_start(job);
+        }
+    }
+    check_backpressure(w);
+}
+
+static void on_assign(void *ctx, const rd_kafka_topic_partition_list_t *parts)
+{
+    struct worker *w = ctx;
+    for (int i = 0; i < parts->cnt; i++) {
+        int32_t p = parts->elems[i].partition;
+        if (p >= w->nparts) {
+            w->parts = xrealloc(w->parts, (size_t)(p + 1) * sizeof *w->parts);
+            memset(w->parts + w->nparts, 0, (size_t)(p + 1 - w->nparts) * sizeof *w->parts);
+            w->nparts = p + 1;
+        }
+        if (!w->parts[p]) {
+            struct part *part = xcalloc(1, sizeof *part);
+            part->partition = p;
+            part->next_offset = -1;
+            part->committed = -1;
+            w->parts[p] = part;
+        }
+    }
+    if (w->assignment)
+        rd_kafka_topic_partition_list_destroy(w->assignment);
+    w->assignment = rd_kafka_topic_partition_list_copy(parts);
+    w->paused = false;
+    check_backpressure(w);
+}
+
+/* Gives up a job of a revoked partition: the next owner processes it again. */
+static void job_abandon(struct job *job)
+{
+    struct worker *w = job->w;
+    if (job->state == J_DONE) {
+        job_free(job);
+        return;
+    }
+    if (job->state == J_READY)
+        ready_remove(w, job);
+    if (job->state != J_WAIT_KEY)
+        w->active--;
+    if (job->call) {
+        llm_cancel(job->call);
+        job->call = NULL;
+    }
+    if (job->timer)
+        evtimer_del(job->timer);
+    job_drop_slot(job);
+    job->part = NULL;
+    job->kq = NULL;
+    job->abandoned = true;
+    if (!job->op_pending && job->drs_pending == 0)
+        job_free(job);
+}
+
+static void on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts)
+{
+    struct worker *w = ctx;
+    commit_finished(w, parts, false);
+    for (int i = 0; i < parts->cnt; i++) {
+        struct part *part = part_get(w, parts->elems[i].partition);
+        if (!part)
+            continue;
+        size_t unfinished = 0;
+        for (size_t k = 0; k < part->count; k++) {
+            struct job *job = part->ring[(part->head + k) % part->cap];
+            if (job->state != J_DONE)
+                unfinished++;
+            if (job->kq) {
+                struct keyq *kq = map_del(w->keys, job->kq->key);
+                free(kq);
+                /* every job of that keyq is on this ring, so no dangling kq pointer survives */
+                for (struct job *j = job; j; j = j->key_next)
+                    j->kq = NULL;
+            }
+        }
+        while (part->count) {
+            struct job *job = part->ring[part->head];
+            part->head = (part->head + 1) % part->cap;
+            part->count--;
+            w->buffered--;
+            job_abandon(job);
+        }
+        if (unfinished)
+            log_info("partition %d revoked with %zu unfinished prompt(s); the next owner redoes them",
+                     parts->elems[i].partition, unfinished);
+        free(part->ring);
+        free(part);
+        w->parts[parts->elems[i].partition] = NULL;
+    }
+    if (w->assignment)
+        rd_kafka_topic_partition_list_destroy(w->assignment);
+    w->assignment = NULL;
+    w->paused = false;
+    check_drained(w);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static void drained_now(struct worker *w)
+{
+    void (*cb)(void *) = w->on_drained;
+    w->on_drained = NULL;
+    if (cb)
+        cb(w->drained_arg);
+}
+
+static void check_drained(struct worker *w)
+{
+    if (!w->draining || !w->on_drained || w->active > 0)
+        return;
+    drained_now(w);
+}
+
+static void grace_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct worker *w = arg;
+    if (w->on_drained) {
+        log_warn("shutdown grace period over with %ld prompt(s) unfinished; they will be redelivered", w->active);
+        drained_now(w);
+    }
+}
+
+void worker_drain(struct worker *w, void (*on_drained)(void *arg), void *arg)
+{
+    w->draining = true;
+    w->on_drained = on_drained;
+    w->drained_arg = arg;
+    kafka_consumer_stop_fetching(w->kc);
+    if (w->assignment && !w->paused)
+        kafka_consumer_pause(w->kc, w->assignment, true);
+    w->paused = true;
+    /* Prompts waiting for a slot never started: leave them to the next owner. */
+    while (w->ready_head) {
+        struct job *job = w->ready_head;
+        ready_remove(w, job);
+        job->state = J_WAIT_KEY;
+        w->active--;
+    }
+    log_info("draining: %ld prompt(s) in progress, grace %ld ms", w->active, w->cfg->shutdown_grace_ms);
+    w->grace_timer = evtimer_new(w->base, grace_cb, w);
+    struct timeval tv = {w->cfg->shutdown_grace_ms / 1000, (w->cfg->shutdown_grace_ms % 1000) * 1000};
+    evtimer_add(w->grace_timer, &tv);
+    check_drained(w);
+}
+
+struct worker *worker_new(struct event_base *base, const struct config *cfg, char *err, size_t errlen)
+{
+    struct worker *w = xcalloc(1, sizeof *w);
+    w->base = base;
+    w->cfg = cfg;
+    w->keys = map_new();
+    w->kp = kafka_producer_new(base, cfg, worker_dr_cb, err, errlen);
+    if (!w->kp)
+        goto fail;
+    w->st = store_new(base, cfg);
+    w->llm = llm_new(base, cfg);
+    static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
+    w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, &hooks, w, err, errlen);
+    if (!w->kc)
+        goto fail;
+    w->commit_timer = event_new(base, -1, EV_PERSIST, commit_timer_cb, w);
+    struct timeval tv = {cfg->commit_interval_ms / 1000, (cfg->commit_interval_ms % 1000) * 1000};
+    evtimer_add(w->commit_timer, &tv);
+    log_info("worker: group %s, topic %s, LLM %s (model %s), max in flight %ld", cfg->group_id, cfg->topic_prompts,
+             cfg->llm_base_url, cfg->llm_model, cfg->max_in_flight);
+    return w;
+fail:
+    llm_free(w->llm);
+    store_free(w->st);
+    kafka_producer_free(w->kp, 0);
+    map_free(w->keys);
+    free(w);
+    return NULL;
+}
+
+void worker_free(struct worker *w)
+{
+    if (!w)
+        return;
+    commit_finished(w, NULL, false);
+    kafka_consumer_free(w->kc); /* revokes: abandons what is unfinished */
+    w->kc = NULL;
+    kafka_producer_free(w->kp, 5000); /* serves the last delivery reports */
+    store_free(w->st);                /* answers the last Redis commands */
+    while (w->jobs)
+        job_free(w->jobs); /* before llm_free: a job may still hold a call to cancel */
+    llm_free(w->llm);
+    for (int p = 0; p < w->nparts; p++) {
+        if (w->parts[p]) {
+            free(w->parts[p]->ring);
+            free(w->parts[p]);
+        }
+    }
+    free(w->parts);
+    map_free(w->keys);
+    if (w->assignment)
+        rd_kafka_topic_partition_list_destroy(w->assignment);
+    if (w->commit_timer)
+        event_free(w->commit_timer);
+    if (w->grace_timer)
+        event_free(w->grace_timer);
+    log_info("worker stopped: %lu completed, %lu failed, %lu retries, %lu LLM calls", w->completed, w->failed,
+             w->retried, w->llm_calls);
+    free(w);
+}
