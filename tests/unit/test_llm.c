@@ -1,0 +1,108 @@
+/* Unit tests of the LLM wire format: request building, answer parsing, Retry-After. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "llm/chat.h"
+#include "llm/llm.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void test_request(void **state)
+{
+    (void)state;
+    struct chat_msg msgs[] = {{"user", "hi", 2}, {"assistant", "hello", 5}, {"user", "a\"b\nc", 5}};
+    size_t len;
+    char *body = chat_request_new("gpt-x", 7, msgs, 3, &len);
+    assert_int_equal(strlen(body), len);
+    json_t *j = json_loads(body, 0, NULL);
+    assert_non_null(j);
+    assert_string_equal(json_string_value(json_object_get(j, "model")), "gpt-x");
+    assert_int_equal(json_integer_value(json_object_get(j, "max_tokens")), 7);
+    json_t *m = json_object_get(j, "messages");
+    assert_int_equal(json_array_size(m), 3);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(m, 1), "role")), "assistant");
+    assert_string_equal(json_string_value(json_object_get(json_array_get(m, 2), "content")), "a\"b\nc");
+    json_decref(j);
+    free(body);
+
+    body = chat_request_new("m", 0, msgs, 1, &len);
+    j = json_loads(body, 0, NULL);
+    assert_null(json_object_get(j, "max_tokens")); /* 0: not sent */
+    json_decref(j);
+    free(body);
+}
+
+static void test_parse_ok(void **state)
+{
+    (void)state;
+    const char *b = "{\"id\":\"x\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                    "\"content\":\"Pizza.\"},\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":3,"
+                    "\"completion_tokens\":2,\"total_tokens\":5}}";
+    struct chat_result r;
+    char err[128];
+    assert_int_equal(chat_parse_response(b, strlen(b), &r, err, sizeof err), 0);
+    assert_string_equal(r.content, "Pizza.");
+    assert_int_equal(r.content_len, 6);
+    assert_string_equal(r.finish_reason, "length");
+    assert_string_equal(r.model, "m1");
+    assert_int_equal(r.prompt_tokens, 3);
+    assert_int_equal(r.completion_tokens, 2);
+    assert_int_equal(r.total_tokens, 5);
+    chat_result_free(&r);
+}
+
+static void test_parse_bad(void **state)
+{
+    (void)state;
+    struct chat_result r;
+    char err[128];
+    const char *bad[] = {"not json",
+                         "[]",
+                         "{}",
+                         "{\"choices\":[]}",
+                         "{\"choices\":[{\"message\":{}}]}",
+                         "{\"choices\":[{\"message\":{\"content\":5}}]}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(chat_parse_response(bad[i], strlen(bad[i]), &r, err, sizeof err), -1);
+        assert_true(strlen(err) > 0);
+    }
+}
+
+static void test_error_summary(void **state)
+{
+    (void)state;
+    char out[64];
+    const char *b = "{\"error\":{\"message\":\"Rate limit reached\",\"type\":\"requests\"}}";
+    chat_error_summary(b, strlen(b), out, sizeof out);
+    assert_string_equal(out, "Rate limit reached");
+    chat_error_summary("<html>\x01oops", 11, out, sizeof out);
+    assert_string_equal(out, "<html>?oops");
+}
+
+static void test_retry_after(void **state)
+{
+    (void)state;
+    int64_t now = 1445412480000; /* Wed, 21 Oct 2015 07:28:00 GMT */
+    assert_int_equal(llm_parse_retry_after("3", "", now), 3000);
+    assert_int_equal(llm_parse_retry_after("3", "250", now), 250); /* retry-after-ms wins */
+    assert_int_equal(llm_parse_retry_after("", "", now), -1);
+    assert_int_equal(llm_parse_retry_after(NULL, NULL, now), -1);
+    assert_int_equal(llm_parse_retry_after("soon", "", now), -1);
+    assert_int_equal(llm_parse_retry_after("-5", "", now), -1);
+    assert_int_equal(llm_parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", "", now), 10000);
+    assert_int_equal(llm_parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", "", now), 0); /* in the past */
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_request),       cmocka_unit_test(test_parse_ok),    cmocka_unit_test(test_parse_bad),
+        cmocka_unit_test(test_error_summary), cmocka_unit_test(test_retry_after),
+    };
+    return cmocka_run_group_tests_name("llm", tests, NULL, NULL);
+}

@@ -1,0 +1,162 @@
+/* Unit tests of the pure helpers: ids, UTF-8, bounded buffers, the hash map, config loading. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "core/config.h"
+#include "core/map.h"
+#include "core/util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static void test_conv_id(void **state)
+{
+    (void)state;
+    char a[CONV_ID_LEN + 1], b[CONV_ID_LEN + 1];
+    assert_int_equal(conv_id_new(a), 0);
+    assert_int_equal(conv_id_new(b), 0);
+    assert_int_equal(strlen(a), CONV_ID_LEN);
+    assert_true(conv_id_valid(a, strlen(a)));
+    assert_string_not_equal(a, b);
+    assert_false(conv_id_valid("", 0));
+    assert_false(conv_id_valid("a b", 3));
+    assert_false(conv_id_valid("../etc", 6));
+    assert_false(conv_id_valid("x:y", 3));
+    char longid[70];
+    memset(longid, 'a', 65);
+    longid[65] = '\0';
+    assert_false(conv_id_valid(longid, 65));
+    assert_true(conv_id_valid(longid, 64));
+}
+
+static void test_utf8(void **state)
+{
+    (void)state;
+    const char ok[] = "h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x8e\x89";
+    assert_true(utf8_valid(ok, strlen(ok)));
+    assert_true(utf8_valid("", 0));
+    assert_false(utf8_valid("\xff", 1));
+    assert_false(utf8_valid("\xc3", 1));             /* truncated */
+    assert_false(utf8_valid("\xc0\xaf", 2));         /* overlong '/' */
+    assert_false(utf8_valid("\xe0\x80\xaf", 3));     /* overlong */
+    assert_false(utf8_valid("\xed\xa0\x80", 3));     /* surrogate U+D800 */
+    assert_false(utf8_valid("\xf4\x90\x80\x80", 4)); /* above U+10FFFF */
+    assert_false(utf8_valid("a\0b", 3));             /* NUL */
+    assert_true(utf8_valid("\xf4\x8f\xbf\xbf", 4));  /* U+10FFFF */
+    assert_false(utf8_valid("\xe4\xb8", 2));
+}
+
+static void test_non_space(void **state)
+{
+    (void)state;
+    assert_false(has_non_space(" \t\r\n", 4));
+    assert_false(has_non_space("", 0));
+    assert_true(has_non_space("  x ", 4));
+}
+
+static void test_buf_limit(void **state)
+{
+    (void)state;
+    struct buf b;
+    buf_init(&b, 10);
+    assert_int_equal(buf_append(&b, "hello", 5), 0);
+    assert_int_equal(buf_append(&b, "world", 5), 0);
+    assert_int_equal(buf_append(&b, "!", 1), -1);
+    assert_int_equal(b.len, 10);
+    assert_string_equal(b.data, "helloworld");
+    buf_free(&b);
+}
+
+static void test_map(void **state)
+{
+    (void)state;
+    struct map *m = map_new();
+    char keys[1000][16];
+    for (int i = 0; i < 1000; i++) {
+        snprintf(keys[i], sizeof keys[i], "k%d", i);
+        assert_null(map_put(m, keys[i], (void *)(intptr_t)(i + 1)));
+    }
+    assert_int_equal(map_count(m), 1000);
+    for (int i = 0; i < 1000; i++)
+        assert_int_equal((intptr_t)map_get(m, keys[i]), i + 1);
+    assert_null(map_get(m, "missing"));
+    assert_int_equal((intptr_t)map_del(m, "k500"), 501);
+    assert_null(map_get(m, "k500"));
+    assert_null(map_del(m, "k500"));
+    assert_int_equal(map_count(m), 999);
+    map_free(m);
+}
+
+static void test_rand_below(void **state)
+{
+    (void)state;
+    int seen[4] = {0};
+    for (int i = 0; i < 4000; i++) {
+        uint64_t v = rand_below(4);
+        assert_true(v < 4);
+        seen[v]++;
+    }
+    for (int i = 0; i < 4; i++)
+        assert_true(seen[i] > 500); /* roughly uniform, not a constant */
+}
+
+static void test_config_defaults_env_flags(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[256];
+    setenv("ASYNCLLM_HTTP_PORT", "9999", 1);
+    setenv("ASYNCLLM_MAX_IN_FLIGHT", "10", 1);
+    char a0[] = "asyncllm", a1[] = "api", a2[] = "--max-in-flight=20", a3[] = "--llm-model", a4[] = "m", a5[] = "-X",
+         a6[] = "linger.ms=5";
+    char *argv[] = {a0, a1, a2, a3, a4, a5, a6};
+    assert_int_equal(config_load(&cfg, 7, argv, 2, err, sizeof err), 0);
+    assert_int_equal(cfg.http_port, 9999);   /* from the environment */
+    assert_int_equal(cfg.max_in_flight, 20); /* the flag wins */
+    assert_string_equal(cfg.llm_model, "m");
+    assert_string_equal(cfg.topic_prompts, "async_user_prompt");
+    assert_int_equal(cfg.max_buffered, 80); /* derived: 4 x max-in-flight */
+    assert_int_equal(cfg.kafka_nprops, 1);
+    assert_string_equal(cfg.kafka_props[0][0], "linger.ms");
+    assert_string_equal(cfg.kafka_props[0][1], "5");
+    unsetenv("ASYNCLLM_HTTP_PORT");
+    unsetenv("ASYNCLLM_MAX_IN_FLIGHT");
+}
+
+static void test_config_errors(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[256];
+    char a0[] = "asyncllm", a1[] = "api", bad1[] = "--no-such=1", bad2[] = "--http-port=70000",
+         bad3[] = "--http-port=12x", bad4[] = "stray";
+    char *v1[] = {a0, a1, bad1};
+    assert_int_equal(config_load(&cfg, 3, v1, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "unknown setting"));
+    char *v2[] = {a0, a1, bad2};
+    assert_int_equal(config_load(&cfg, 3, v2, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "outside"));
+    char *v3[] = {a0, a1, bad3};
+    assert_int_equal(config_load(&cfg, 3, v3, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "not an integer"));
+    char *v4[] = {a0, a1, bad4};
+    assert_int_equal(config_load(&cfg, 3, v4, 2, err, sizeof err), -1);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_conv_id),
+        cmocka_unit_test(test_utf8),
+        cmocka_unit_test(test_non_space),
+        cmocka_unit_test(test_buf_limit),
+        cmocka_unit_test(test_map),
+        cmocka_unit_test(test_rand_below),
+        cmocka_unit_test(test_config_defaults_env_flags),
+        cmocka_unit_test(test_config_errors),
+    };
+    return cmocka_run_group_tests_name("util", tests, NULL, NULL);
+}
