@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# deps.sh - install what asyncllm needs to build, test and run its local stack (Debian 12, root or sudo).
+#
+# Idempotent and fast: every package is checked with dpkg-query first, and `apt-get update` +
+# `apt-get install -y` run only for what is missing (printed before installing).
+#   build:  gcc make pkg-config librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev
+#           libjansson-dev libcmocka-dev clang-format
+#   stack:  redis-server redis-tools kcat maven, openjdk-17-jre-headless (only when no java >= 17
+#           is on PATH); the Kafka jars themselves come from Maven Central (scripts/kafka-fetch.sh)
+#   tests:  python3 and pytest (Debian's python3-pytest, or `pip install pytest` as a fallback)
+# Installing Debian's redis-server may start a system redis on 6379; it is left alone (our stack
+# uses REDIS_PORT=6390).
+set -euo pipefail
+
+log() { printf 'deps: %s\n' "$*" >&2; }
+
+PACKAGES=(
+  gcc make pkg-config
+  librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev libjansson-dev libcmocka-dev
+  clang-format
+  redis-server redis-tools kcat maven
+  python3
+)
+
+SUDO=()
+if [[ $(id -u) != 0 ]]; then
+  command -v sudo >/dev/null || {
+    log "ERROR: not root and no sudo: cannot install packages"
+    exit 1
+  }
+  SUDO=(sudo)
+fi
+
+is_installed() {
+  [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == installed ]]
+}
+
+# Major version of the java on PATH, or 0.
+java_major() {
+  local out
+  command -v java >/dev/null || {
+    echo 0
+    return
+  }
+  out=$(java -version 2>&1) || true
+  if [[ "$out" =~ version\ \"(1\.)?([0-9]+) ]]; then
+    echo "${BASH_REMATCH[2]}"
+  else
+    echo 0
+  fi
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  is_installed "$p" || missing+=("$p")
+done
+if (($(java_major) < 17)); then
+  is_installed openjdk-17-jre-headless || missing+=(openjdk-17-jre-headless)
+fi
+
+apt_updated=0
+apt_install() {
+  if ((apt_updated == 0)); then
+    log "apt-get update"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing: $*"
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "$@"
+}
+
+if ((${#missing[@]} > 0)); then
+  apt_install "${missing[@]}"
+fi
+
+if ! python3 -c 'import pytest' 2>/dev/null; then
+  if ! apt_install python3-pytest || ! python3 -c 'import pytest' 2>/dev/null; then
+    log "python3-pytest did not work; trying pip install pytest"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      apt_install python3-pip
+    fi
+    # Debian 12 marks its Python as externally managed (PEP 668).
+    python3 -m pip install --quiet pytest ||
+      python3 -m pip install --quiet --break-system-packages pytest
+  fi
+fi
+
+if ((${#missing[@]} == 0)); then
+  log "all packages present"
+fi
+if (($(java_major) < 17)); then
+  log "WARNING: java on PATH is older than 17; Kafka 4 needs 17+ (try update-alternatives --config java)"
+fi
