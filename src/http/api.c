@@ -425,8 +425,10 @@ struct api *api_new(struct event_base *base, const struct config *cfg, char *err
         free(api);
         return NULL;
     }
+    kafka_producer_warm(api->kp, cfg->topic_prompts);
     api->st = store_new(base, cfg);
-    api->http = http_server_new(base, cfg, api_request_cb, api, &api->port, &api->listener, err, errlen);
+    api->http = http_server_new(base, cfg, cfg->http_addr, (int)cfg->http_port, api_request_cb, api, &api->port,
+                                &api->listener, err, errlen);
     if (!api->http) {
         store_free(api->st);
         kafka_producer_free(api->kp, 0);

@@ -21,7 +21,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-struct evhttp *http_server_new(struct event_base *base, const struct config *cfg,
+struct evhttp *http_server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
                                void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
                                struct evhttp_bound_socket **bound, char *err, size_t errlen)
 {
@@ -37,16 +37,16 @@ struct evhttp *http_server_new(struct event_base *base, const struct config *cfg
                                          EVHTTP_REQ_HEAD | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
     evhttp_set_default_content_type(http, "application/json");
     evhttp_set_gencb(http, cb, arg);
-    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, cfg->http_addr, (ev_uint16_t)cfg->http_port);
+    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, addr, (ev_uint16_t)port_wanted);
     if (!bs) {
-        snprintf(err, errlen, "cannot listen on %s:%ld (in use, or a bad address?)", cfg->http_addr, cfg->http_port);
+        snprintf(err, errlen, "cannot listen on %s:%d (in use, or a bad address?)", addr, port_wanted);
         evhttp_free(http);
         return NULL;
     }
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     *bound = bs;
-    *port = (int)cfg->http_port;
+    *port = port_wanted;
     if (getsockname(evhttp_bound_socket_get_fd(bs), (struct sockaddr *)&ss, &sl) == 0)
         *port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                                : ((struct sockaddr_in *)&ss)->sin_port);

@@ -13,11 +13,11 @@ struct evhttp_request;
 struct evhttp_bound_socket;
 struct config;
 
-/* Creates a server on cfg's address and port with its limits: headers 64 KiB, bodies (see http.c), idle
+/* Creates a server on addr:port_wanted with cfg's limits: headers 64 KiB, bodies (see http.c), idle
  * connections closed after http-idle-timeout-s. Every request goes to cb. *port receives the port actually
  * bound (useful with --http-port=0), *bound the listener (for evhttp_del_accept_socket). Returns NULL with a message in
  * err. */
-struct evhttp *http_server_new(struct event_base *base, const struct config *cfg,
+struct evhttp *http_server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
                                void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
                                struct evhttp_bound_socket **bound, char *err, size_t errlen);
 

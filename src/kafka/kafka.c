@@ -99,6 +99,8 @@ struct kafka_producer {
     struct kqueue_io io;
     kafka_dr_cb *dr;
     bool up;
+    rd_kafka_topic_t *warm[4]; /* topic handles held so their metadata stays known */
+    int nwarm;
 };
 
 static void producer_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -226,6 +228,12 @@ rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, 
                              RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
 }
 
+void kafka_producer_warm(struct kafka_producer *kp, const char *topic)
+{
+    if (kp->nwarm < (int)(sizeof kp->warm / sizeof kp->warm[0]))
+        kp->warm[kp->nwarm++] = rd_kafka_topic_new(kp->rk, topic, NULL); /* queries the leaders in the background */
+}
+
 bool kafka_producer_up(const struct kafka_producer *kp)
 {
     return kp->up;
@@ -241,6 +249,9 @@ void kafka_producer_free(struct kafka_producer *kp, int timeout_ms)
     if (!kp)
         return;
     rd_kafka_flush(kp->rk, timeout_ms); /* serves delivery reports: their callbacks run here */
+    for (int i = 0; i < kp->nwarm; i++)
+        if (kp->warm[i])
+            rd_kafka_topic_destroy(kp->warm[i]);
     kqueue_io_free(&kp->io, kp->mainq);
     rd_kafka_queue_destroy(kp->mainq);
     rd_kafka_destroy(kp->rk);
@@ -387,6 +398,25 @@ void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partit
     if (e)
         log_warn("kafka: %s failed: %s", pause ? "pause" : "resume", rd_kafka_err2str(e));
     rd_kafka_topic_partition_list_destroy(copy);
+}
+
+int64_t kafka_consumer_high_watermark(struct kafka_consumer *kc, const char *topic, int32_t partition)
+{
+    int64_t lo = -1, hi = -1;
+    if (rd_kafka_get_watermark_offsets(kc->rk, topic, partition, &lo, &hi))
+        return -1;
+    return hi;
+}
+
+int64_t kafka_consumer_position(struct kafka_consumer *kc, const char *topic, int32_t partition)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, partition);
+    int64_t off = -1;
+    if (rd_kafka_position(kc->rk, l) == RD_KAFKA_RESP_ERR_NO_ERROR && l->elems[0].offset >= 0)
+        off = l->elems[0].offset;
+    rd_kafka_topic_partition_list_destroy(l);
+    return off;
 }
 
 void kafka_consumer_stop_fetching(struct kafka_consumer *kc)

@@ -34,6 +34,8 @@ struct kafka_producer *kafka_producer_new(struct event_base *base, const struct 
  * RD_KAFKA_RESP_ERR_NO_ERROR, or an error now (QUEUE_FULL, UNKNOWN_TOPIC...), in which case dr is not called. */
 rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, const char *key, size_t keylen,
                                   const void *value, size_t valuelen, rd_kafka_headers_t *hdrs, void *opaque);
+/* Looks up topic's metadata now rather than at the first produce (which would otherwise wait for it). */
+void kafka_producer_warm(struct kafka_producer *kp, const char *topic);
 /* False while the client knows of no reachable broker (from error and statistics callbacks). */
 bool kafka_producer_up(const struct kafka_producer *kp);
 /* Number of messages waiting for a delivery report. */
@@ -63,6 +65,10 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
 int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *offsets, bool async);
 /* Stops or restarts fetching from the listed partitions. */
 void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts, bool pause);
+/* The partition's high watermark as last seen by the consumer (cached, non-blocking), or -1. */
+int64_t kafka_consumer_high_watermark(struct kafka_consumer *kc, const char *topic, int32_t partition);
+/* The next offset the consumer will fetch for the partition (non-blocking), or -1 if not known yet. */
+int64_t kafka_consumer_position(struct kafka_consumer *kc, const char *topic, int32_t partition);
 /* Stops delivering messages (no more on_message calls), so that a shutdown can drain. */
 void kafka_consumer_stop_fetching(struct kafka_consumer *kc);
 /* Leaves the group (revoking, so on_revoke runs) and destroys the consumer. Blocking; only at shutdown. */

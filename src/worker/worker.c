@@ -21,13 +21,17 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "core/map.h"
+#include "core/metrics.h"
 #include "core/util.h"
+#include "http/http.h"
 #include "kafka/kafka.h"
 #include "llm/chat.h"
 #include "llm/llm.h"
 #include "store/store.h"
 
+#include <event2/buffer.h>
 #include <event2/event.h>
+#include <event2/http.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdlib.h>
@@ -113,8 +117,10 @@ struct worker {
     struct event *grace_timer;
     void (*on_drained)(void *);
     void *drained_arg;
-    /* counters (exported by /metrics in a later step) */
-    unsigned long completed, failed, retried, llm_calls, dead_lettered;
+    struct evhttp *metrics;
+    /* counters for /metrics */
+    unsigned long completed, failed, retried, llm_calls, dead_lettered, redelivered_done;
+    struct hist llm_latency;
 };
 
 static void job_step_run(struct job *job);
@@ -518,6 +524,7 @@ static void call_cb(void *arg, const struct llm_response *r)
     struct job *job = arg;
     struct worker *w = job->w;
     job->call = NULL;
+    hist_observe(&w->llm_latency, (double)r->elapsed_ms / 1000.0);
     char msg[512], detail[300];
     const char *code = NULL;
     if (r->http_status == 200) {
@@ -616,6 +623,7 @@ static void begin_cb(void *arg, int rc, long turn, const struct conv *conv)
     if (t->status == TURN_COMPLETE || t->status == TURN_FAILED) {
         /* A redelivery of a finished turn: no second LLM call, no second stored result. */
         job_drop_slot(job);
+        w->redelivered_done++;
         job_take_stored(job, t);
         if (t->published) {
             log_debug("conversation %s turn %ld already finished and published", job->conv_id, turn);
@@ -867,6 +875,62 @@ static void on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts)
     check_drained(w);
 }
 
+/* ---------------------------------------------------------------- metrics */
+
+static void metrics_cb(struct evhttp_request *req, void *arg)
+{
+    struct worker *w = arg;
+    if (strcmp(http_path(req), "/healthz") == 0) {
+        http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+        return;
+    }
+    if (strcmp(http_path(req), "/metrics") != 0) {
+        http_reply_error(req, 404, "invalid_request_error", "not_found", "routes: /metrics, /healthz");
+        return;
+    }
+    struct evbuffer *out = evbuffer_new();
+    metric_gauge(out, "asyncllm_worker_in_flight", "LLM calls in flight", (double)w->in_flight);
+    metric_gauge(out, "asyncllm_worker_buffered",
+                 "prompts held in memory (running, waiting or finished behind "
+                 "an unfinished one)",
+                 (double)w->buffered);
+    metric_gauge(out, "asyncllm_worker_active", "prompts started and not finished", (double)w->active);
+    metric_gauge(out, "asyncllm_worker_llm_max_in_flight", "the in-flight limit", (double)w->cfg->max_in_flight);
+    metric_counter(out, "asyncllm_worker_completed_total", "turns stored as complete", (double)w->completed);
+    metric_counter(out, "asyncllm_worker_failed_total", "turns stored as failed", (double)w->failed);
+    metric_counter(out, "asyncllm_worker_retried_total", "LLM calls retried", (double)w->retried);
+    metric_counter(out, "asyncllm_worker_llm_calls_total", "LLM calls made", (double)w->llm_calls);
+    metric_counter(out, "asyncllm_worker_dead_lettered_total", "prompts sent to the dead-letter topic",
+                   (double)w->dead_lettered);
+    metric_counter(out, "asyncllm_worker_redelivered_finished_total",
+                   "redelivered prompts found already finished (no LLM call)", (double)w->redelivered_done);
+    metric_hist(out, "asyncllm_worker_llm_latency_seconds", "LLM call latency", &w->llm_latency);
+    evbuffer_add_printf(out, "# HELP asyncllm_worker_partition_committed_offset last offset committed\n"
+                             "# TYPE asyncllm_worker_partition_committed_offset gauge\n");
+    for (int p = 0; p < w->nparts; p++)
+        if (w->parts[p])
+            evbuffer_add_printf(out, "asyncllm_worker_partition_committed_offset{partition=\"%d\"} %lld\n", p,
+                                (long long)w->parts[p]->committed);
+    evbuffer_add_printf(out, "# HELP asyncllm_worker_partition_lag messages between the high watermark and the "
+                             "first unfinished offset\n# TYPE asyncllm_worker_partition_lag gauge\n");
+    for (int p = 0; p < w->nparts; p++) {
+        if (!w->parts[p])
+            continue;
+        int64_t hi = kafka_consumer_high_watermark(w->kc, w->cfg->topic_prompts, p);
+        int64_t from = part_committable(w->parts[p]);
+        if (from < 0)
+            from = kafka_consumer_position(w->kc, w->cfg->topic_prompts, p);
+        if (hi >= 0 && from >= 0)
+            evbuffer_add_printf(out, "asyncllm_worker_partition_lag{partition=\"%d\"} %lld\n", p,
+                                (long long)(hi >= from ? hi - from : 0));
+    }
+    metric_gauge(out, "asyncllm_worker_paused_partitions", "partitions paused by backpressure or shutdown",
+                 w->paused && w->assignment ? (double)w->assignment->cnt : 0);
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
+    evhttp_send_reply(req, 200, "OK", out);
+    evbuffer_free(out);
+}
+
 /* ---------------------------------------------------------------- lifecycle */
 
 static void drained_now(struct worker *w)
@@ -927,12 +991,25 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     w->kp = kafka_producer_new(base, cfg, worker_dr_cb, err, errlen);
     if (!w->kp)
         goto fail;
+    kafka_producer_warm(w->kp, cfg->topic_responses);
+    kafka_producer_warm(w->kp, cfg->topic_dlq);
     w->st = store_new(base, cfg);
     w->llm = llm_new(base, cfg);
     static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
     w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, &hooks, w, err, errlen);
     if (!w->kc)
         goto fail;
+    if (cfg->metrics_port > 0) {
+        int port;
+        struct evhttp_bound_socket *bs;
+        w->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, w, &port, &bs,
+                                     err, errlen);
+        /* Not fatal: a second worker on the same host should still work, only without metrics. */
+        if (!w->metrics)
+            log_error("worker: no metrics server: %s (set --metrics-port)", err);
+        else
+            log_info("worker: metrics on http://%s:%d/metrics", cfg->metrics_addr, port);
+    }
     w->commit_timer = event_new(base, -1, EV_PERSIST, commit_timer_cb, w);
     struct timeval tv = {cfg->commit_interval_ms / 1000, (cfg->commit_interval_ms % 1000) * 1000};
     evtimer_add(w->commit_timer, &tv);
@@ -940,6 +1017,7 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
              cfg->llm_base_url, cfg->llm_model, cfg->max_in_flight);
     return w;
 fail:
+    kafka_consumer_free(w->kc);
     llm_free(w->llm);
     store_free(w->st);
     kafka_producer_free(w->kp, 0);
@@ -952,6 +1030,8 @@ void worker_free(struct worker *w)
 {
     if (!w)
         return;
+    if (w->metrics)
+        evhttp_free(w->metrics);
     commit_finished(w, NULL, false);
     kafka_consumer_free(w->kc); /* revokes: abandons what is unfinished */
     w->kc = NULL;
