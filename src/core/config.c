@@ -78,6 +78,8 @@ static const struct cfg_entry entries[] = {
     I("commit-interval-ms", commit_interval_ms, 10, 600000, "1000", "how often finished offsets are committed"),
     I("shutdown-grace-ms", shutdown_grace_ms, 0, 3600000, "30000",
       "on SIGTERM, how long in-flight work may take to finish"),
+    I("revoke-grace-ms", revoke_grace_ms, 0, 250000, "10000",
+      "on a rebalance, how long in-flight prompts of revoked partitions may take to finish"),
     S("metrics-addr", metrics_addr, "127.0.0.1", "address of the worker's metrics server"),
     I("metrics-port", metrics_port, 0, 65535, "9464", "port of the worker's GET /metrics (Prometheus text); 0: off"),
 };

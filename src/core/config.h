@@ -54,6 +54,7 @@ struct config {
     long prompt_deadline_ms;
     long commit_interval_ms;
     long shutdown_grace_ms;
+    long revoke_grace_ms;
     const char *metrics_addr;
     long metrics_port;
     /* `-X key=value` pass-through to librdkafka, applied to every Kafka client after our own settings. */

@@ -267,6 +267,8 @@ struct kafka_consumer {
     struct kafka_consumer_hooks hooks;
     void *ctx;
     bool fetching;
+    bool closing;        /* inside rd_kafka_consumer_close(): revocations cannot wait */
+    bool revoke_pending; /* on_revoke deferred; kafka_consumer_revoke_done() completes it */
 };
 
 static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
@@ -281,8 +283,10 @@ static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_ka
             kc->hooks.on_assign(kc->ctx, parts);
     } else {
         log_info("kafka: revoking %d partition(s)", parts->cnt);
-        if (kc->hooks.on_revoke)
-            kc->hooks.on_revoke(kc->ctx, parts);
+        if (kc->hooks.on_revoke && kc->hooks.on_revoke(kc->ctx, parts, !kc->closing)) {
+            kc->revoke_pending = true;
+            return;
+        }
         rd_kafka_assign(rk, NULL);
     }
 }
@@ -419,6 +423,15 @@ int64_t kafka_consumer_position(struct kafka_consumer *kc, const char *topic, in
     return off;
 }
 
+void kafka_consumer_revoke_done(struct kafka_consumer *kc)
+{
+    if (!kc->revoke_pending)
+        return;
+    kc->revoke_pending = false;
+    rd_kafka_assign(kc->rk, NULL);
+    log_info("kafka: revocation complete");
+}
+
 void kafka_consumer_stop_fetching(struct kafka_consumer *kc)
 {
     kc->fetching = false;
@@ -429,6 +442,7 @@ void kafka_consumer_free(struct kafka_consumer *kc)
     if (!kc)
         return;
     kc->fetching = false;
+    kc->closing = true;
     rd_kafka_consumer_close(kc->rk); /* serves the final revoke through the rebalance callback */
     kqueue_io_free(&kc->io, kc->q);
     rd_kafka_queue_destroy(kc->q);

@@ -50,10 +50,13 @@ struct kafka_consumer;
 struct kafka_consumer_hooks {
     /* A message; the callee owns it and must rd_kafka_message_destroy() it. */
     void (*on_message)(void *ctx, rd_kafka_message_t *msg);
-    /* Partitions assigned (after the assignment took effect) or about to be revoked (before it does). The list
-     * is only valid during the call. */
+    /* Partitions assigned (after the assignment took effect). The list is only valid during the call. */
     void (*on_assign)(void *ctx, const rd_kafka_topic_partition_list_t *parts);
-    void (*on_revoke)(void *ctx, const rd_kafka_topic_partition_list_t *parts);
+    /* Partitions about to be revoked. The list is only valid during the call. With may_defer, the callee may
+     * return true to keep the partitions a while (to let work finish) and call kafka_consumer_revoke_done()
+     * later; the group's rebalance waits for it (up to max.poll.interval.ms). Otherwise it returns false and
+     * the revocation takes effect when it returns. */
+    bool (*on_revoke)(void *ctx, const rd_kafka_topic_partition_list_t *parts, bool may_defer);
 };
 
 /* Creates a consumer in group_id subscribed to topic, served on base. Offsets are never committed
@@ -69,6 +72,8 @@ void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partit
 int64_t kafka_consumer_high_watermark(struct kafka_consumer *kc, const char *topic, int32_t partition);
 /* The next offset the consumer will fetch for the partition (non-blocking), or -1 if not known yet. */
 int64_t kafka_consumer_position(struct kafka_consumer *kc, const char *topic, int32_t partition);
+/* Completes a revocation that on_revoke deferred. */
+void kafka_consumer_revoke_done(struct kafka_consumer *kc);
 /* Stops delivering messages (no more on_message calls), so that a shutdown can drain. */
 void kafka_consumer_stop_fetching(struct kafka_consumer *kc);
 /* Leaves the group (revoking, so on_revoke runs) and destroys the consumer. Blocking; only at shutdown. */

@@ -93,6 +93,8 @@ struct part {
     size_t head, count, cap;
     int64_t next_offset; /* offset after the last message received, -1 if none yet */
     int64_t committed;   /* last offset we committed, -1 if none */
+    long active;         /* jobs started and not done */
+    bool revoking;       /* being revoked: nothing new starts */
 };
 
 struct worker {
@@ -115,6 +117,8 @@ struct worker {
     bool draining;
     struct event *commit_timer;
     struct event *grace_timer;
+    struct event *revoke_timer;
+    rd_kafka_topic_partition_list_t *revoking; /* a revocation waiting for in-flight work */
     void (*on_drained)(void *);
     void *drained_arg;
     struct evhttp *metrics;
@@ -130,6 +134,15 @@ static void job_finish(struct job *job);
 static void slot_release(struct worker *w);
 static void check_drained(struct worker *w);
 static void drained_now(struct worker *w);
+static void revoke_check(struct worker *w);
+
+/* A started job stops counting as active: done, abandoned, or put back unstarted. */
+static void job_inactive(struct job *job)
+{
+    job->w->active--;
+    if (job->part)
+        job->part->active--;
+}
 
 /* ---------------------------------------------------------------- job memory */
 
@@ -195,7 +208,7 @@ static int64_t part_committable(const struct part *part)
 
 static void check_backpressure(struct worker *w)
 {
-    if (!w->assignment || w->draining)
+    if (!w->assignment || w->draining || w->revoking)
         return;
     if (!w->paused && w->buffered >= w->cfg->max_buffered) {
         kafka_consumer_pause(w->kc, w->assignment, true);
@@ -270,10 +283,10 @@ static void ready_remove(struct worker *w, struct job *job)
 static void slot_acquire(struct job *job)
 {
     struct worker *w = job->w;
-    if (w->draining) {
+    if (w->draining || (job->part && job->part->revoking && job->step == STEP_BEGIN)) {
         /* Not started after all: the next owner of the partition will do it. */
         job->state = J_WAIT_KEY;
-        w->active--;
+        job_inactive(job);
         check_drained(w);
         return;
     }
@@ -678,7 +691,11 @@ static void job_step_run(struct job *job)
 /* A job at the head of its keyq (or an invalid message) starts. */
 static void job_start(struct job *job)
 {
+    if (job->part && job->part->revoking)
+        return; /* stays WAIT_KEY: the partition's next owner does it */
     job->w->active++;
+    if (job->part)
+        job->part->active++;
     job->taken_ms = mono_ms();
     if (job->invalid) {
         job_fail(job, job->err_code, job->err_msg);
@@ -693,7 +710,7 @@ static void job_done(struct job *job)
     struct worker *w = job->w;
     job_drop_slot(job);
     job->state = J_DONE;
-    w->active--;
+    job_inactive(job);
     job_shrink(job);
     struct keyq *kq = job->kq;
     if (kq) {
@@ -707,8 +724,13 @@ static void job_done(struct job *job)
             free(kq);
         }
     }
-    if (job->part)
-        part_advance(w, job->part);
+    struct part *part = job->part;
+    if (part) {
+        bool revoking = part->revoking;
+        part_advance(w, part); /* may free job */
+        if (revoking)
+            revoke_check(w);
+    }
     check_drained(w);
 }
 
@@ -718,9 +740,9 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
 {
     struct worker *w = ctx;
     struct part *part = part_get(w, m->partition);
-    if (!part) {
+    if (!part || part->revoking) {
         rd_kafka_message_destroy(m);
-        return; /* a message of a partition we no longer own */
+        return; /* a partition we no longer own, or are giving up: not tracked, so never committed */
     }
     struct job *job = xcalloc(1, sizeof *job);
     job->w = w;
@@ -818,7 +840,7 @@ static void job_abandon(struct job *job)
     if (job->state == J_READY)
         ready_remove(w, job);
     if (job->state != J_WAIT_KEY)
-        w->active--;
+        job_inactive(job);
     if (job->call) {
         llm_cancel(job->call);
         job->call = NULL;
@@ -833,9 +855,13 @@ static void job_abandon(struct job *job)
         job_free(job);
 }
 
-static void on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts)
+/* Commits what is finished in the revoked partitions and abandons the rest. */
+static void revoke_finish(struct worker *w)
 {
-    struct worker *w = ctx;
+    rd_kafka_topic_partition_list_t *parts = w->revoking;
+    w->revoking = NULL;
+    if (w->revoke_timer)
+        evtimer_del(w->revoke_timer);
     commit_finished(w, parts, false);
     for (int i = 0; i < parts->cnt; i++) {
         struct part *part = part_get(w, parts->elems[i].partition);
@@ -868,11 +894,82 @@ static void on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts)
         free(part);
         w->parts[parts->elems[i].partition] = NULL;
     }
+    rd_kafka_topic_partition_list_destroy(parts);
     if (w->assignment)
         rd_kafka_topic_partition_list_destroy(w->assignment);
     w->assignment = NULL;
     w->paused = false;
     check_drained(w);
+}
+
+static long revoking_active(struct worker *w)
+{
+    long n = 0;
+    for (int i = 0; w->revoking && i < w->revoking->cnt; i++) {
+        struct part *part = part_get(w, w->revoking->elems[i].partition);
+        if (part)
+            n += part->active;
+    }
+    return n;
+}
+
+/* A deferred revocation completes once the revoked partitions have nothing running. */
+static void revoke_check(struct worker *w)
+{
+    if (w->revoking && revoking_active(w) == 0) {
+        revoke_finish(w);
+        kafka_consumer_revoke_done(w->kc);
+    }
+}
+
+static void revoke_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct worker *w = arg;
+    if (!w->revoking)
+        return;
+    log_warn("rebalance: %ld prompt(s) still running after %ld ms; giving them up", revoking_active(w),
+             w->cfg->revoke_grace_ms);
+    revoke_finish(w);
+    kafka_consumer_revoke_done(w->kc);
+}
+
+/* Revocation: nothing new starts in these partitions; what runs gets revoke-grace-ms to finish (the group's
+ * rebalance waits), then what is finished is committed and the rest is left to the next owner. */
+static bool on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts, bool may_defer)
+{
+    struct worker *w = ctx;
+    if (w->revoking) /* a revocation already under way; should not happen with the eager protocol */
+        revoke_finish(w);
+    for (int i = 0; i < parts->cnt; i++) {
+        struct part *part = part_get(w, parts->elems[i].partition);
+        if (part)
+            part->revoking = true;
+    }
+    /* Prompts waiting for a slot in these partitions never started: put them back. */
+    for (struct job *job = w->ready_head, *next; job; job = next) {
+        next = job->ready_next;
+        if (job->part && job->part->revoking && job->step == STEP_BEGIN) {
+            ready_remove(w, job);
+            job->state = J_WAIT_KEY;
+            job_inactive(job);
+        }
+    }
+    kafka_consumer_pause(w->kc, parts, true);
+    w->revoking = rd_kafka_topic_partition_list_copy(parts);
+    long running = revoking_active(w);
+    if (!may_defer || running == 0 || w->cfg->revoke_grace_ms == 0) {
+        revoke_finish(w);
+        return false;
+    }
+    log_info("rebalance: waiting up to %ld ms for %ld running prompt(s) of the revoked partitions",
+             w->cfg->revoke_grace_ms, running);
+    if (!w->revoke_timer)
+        w->revoke_timer = evtimer_new(w->base, revoke_timer_cb, w);
+    struct timeval tv = {w->cfg->revoke_grace_ms / 1000, (w->cfg->revoke_grace_ms % 1000) * 1000};
+    evtimer_add(w->revoke_timer, &tv);
+    return true;
 }
 
 /* ---------------------------------------------------------------- metrics */
@@ -973,7 +1070,7 @@ void worker_drain(struct worker *w, void (*on_drained)(void *arg), void *arg)
         struct job *job = w->ready_head;
         ready_remove(w, job);
         job->state = J_WAIT_KEY;
-        w->active--;
+        job_inactive(job);
     }
     log_info("draining: %ld prompt(s) in progress, grace %ld ms", w->active, w->cfg->shutdown_grace_ms);
     w->grace_timer = evtimer_new(w->base, grace_cb, w);
@@ -1032,6 +1129,10 @@ void worker_free(struct worker *w)
         return;
     if (w->metrics)
         evhttp_free(w->metrics);
+    if (w->revoking) {
+        revoke_finish(w);
+        kafka_consumer_revoke_done(w->kc);
+    }
     commit_finished(w, NULL, false);
     kafka_consumer_free(w->kc); /* revokes: abandons what is unfinished */
     w->kc = NULL;
@@ -1054,6 +1155,8 @@ void worker_free(struct worker *w)
         event_free(w->commit_timer);
     if (w->grace_timer)
         event_free(w->grace_timer);
+    if (w->revoke_timer)
+        event_free(w->revoke_timer);
     log_info("worker stopped: %lu completed, %lu failed, %lu retries, %lu LLM calls", w->completed, w->failed,
              w->retried, w->llm_calls);
     free(w);
