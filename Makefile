@@ -19,7 +19,7 @@ HDR     := $(wildcard src/*/*.h)
 UNIT    := $(wildcard tests/unit/test_*.c)
 FAKE    := tests/fakellm/fakellm.c
 
-.PHONY: all asan deps run test unit e2e chaos format lint clean stack-up stack-down bench
+.PHONY: all asan deps docs run test unit e2e chaos format lint clean stack-up stack-down bench
 all: build/asyncllm build/fakellm
 
 build/asyncllm: $(SRC) $(HDR) | build
@@ -52,7 +52,11 @@ unit: $(patsubst tests/unit/%.c,build/asan/%,$(UNIT))
 	@set -e; for t in $^; do echo "== $$t"; $$t; done
 
 e2e: asan build/fakellm
+	@scripts/check-docs.sh build/asan/asyncllm
 	@scripts/e2e.sh
+
+docs: build/asyncllm
+	@scripts/update-docs.py build/asyncllm
 
 test: deps lint unit e2e
 
