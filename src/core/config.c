@@ -57,7 +57,10 @@ static const struct cfg_entry entries[] = {
     I("retry-after-s", retry_after_s, 0, 3600, "1", "Retry-After suggested to clients on 202 and 503"),
     /* LLM */
     S("llm-base-url", llm_base_url, "https://api.openai.com/v1",
-      "OpenAI-compatible base URL; the worker POSTs to {base}/chat/completions"),
+      "OpenAI-compatible base URL; the worker POSTs to {base}/chat/completions. Several, comma-separated: each "
+      "call goes to the least busy"),
+    I("llm-endpoint-max-in-flight", llm_endpoint_max_in_flight, 0, 1000000, "0",
+      "LLM calls in flight at once per base URL (0: only max-in-flight applies)"),
     S("llm-api-key", llm_api_key, "", "bearer token for the LLM (falls back to OPENAI_API_KEY)"),
     S("llm-model", llm_model, "gpt-4o-mini", "model name sent to the LLM"),
     I("llm-timeout-ms", llm_timeout_ms, 100, 3600000, "120000", "deadline of one LLM call"),

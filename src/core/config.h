@@ -43,6 +43,7 @@ struct config {
     long llm_timeout_ms;
     long llm_max_tokens;
     long llm_max_response_bytes;
+    long llm_endpoint_max_in_flight;
     /* worker */
     const char *group_id;
     const char *instance_id;

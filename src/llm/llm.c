@@ -12,8 +12,18 @@
 #include <strings.h>
 #include <time.h>
 
+#define MAX_ENDPOINTS 16
+
+/* One base URL and the calls in flight to it. */
+struct endpoint {
+    char base[1024]; /* without trailing slashes */
+    long reserved;   /* reservations held (see llm_reserve) */
+};
+
 struct llm {
     struct event_base *base;
+    struct endpoint ep[MAX_ENDPOINTS];
+    int nep;
     const struct config *cfg;
     CURLM *multi;
     struct event *timer;
@@ -24,6 +34,7 @@ struct llm {
 
 struct llm_call {
     struct llm *llm;
+    struct endpoint *ep;
     struct llm_call *prev, *next;
     CURL *eh;
     llm_cb *cb;
@@ -198,6 +209,22 @@ struct llm *llm_new(struct event_base *base, const struct config *cfg)
     curl_multi_setopt(llm->multi, CURLMOPT_TIMERDATA, llm);
     /* Keep a warm connection for every call that may run at once. */
     curl_multi_setopt(llm->multi, CURLMOPT_MAXCONNECTS, cfg->max_in_flight < 100000 ? cfg->max_in_flight : 100000L);
+    for (const char *p = cfg->llm_base_url; *p && llm->nep < MAX_ENDPOINTS;) {
+        size_t n = strcspn(p, ",");
+        const char *s = p, *e = p + n;
+        while (s < e && *s == ' ')
+            s++;
+        while (e > s && (e[-1] == ' ' || e[-1] == '/'))
+            e--;
+        if (e > s && (size_t)(e - s) < sizeof llm->ep[0].base) {
+            memcpy(llm->ep[llm->nep].base, s, (size_t)(e - s));
+            llm->ep[llm->nep].base[e - s] = '\0';
+            llm->nep++;
+        }
+        p += n + (p[n] == ',');
+    }
+    if (llm->nep == 0)
+        snprintf(llm->ep[llm->nep++].base, sizeof llm->ep[0].base, "%s", "https://api.openai.com/v1");
     llm->headers = curl_slist_append(NULL, "Content-Type: application/json");
     llm->headers = curl_slist_append(llm->headers, "Expect:"); /* no 100-continue round trip */
     if (cfg->llm_api_key[0]) {
@@ -208,17 +235,35 @@ struct llm *llm_new(struct event_base *base, const struct config *cfg)
     return llm;
 }
 
-struct llm_call *llm_post(struct llm *llm, const char *path, const char *body, size_t len, llm_cb *cb, void *arg)
+int llm_reserve(struct llm *llm)
+{
+    int best = 0;
+    for (int i = 1; i < llm->nep; i++)
+        if (llm->ep[i].reserved < llm->ep[best].reserved)
+            best = i;
+    long limit = llm->cfg->llm_endpoint_max_in_flight;
+    if (limit > 0 && llm->ep[best].reserved >= limit)
+        return -1;
+    llm->ep[best].reserved++;
+    return best;
+}
+
+void llm_release(struct llm *llm, int ep)
+{
+    if (ep >= 0 && ep < llm->nep && llm->ep[ep].reserved > 0)
+        llm->ep[ep].reserved--;
+}
+
+struct llm_call *llm_post(struct llm *llm, int epi, const char *path, const char *body, size_t len, llm_cb *cb,
+                          void *arg)
 {
     char url[2048];
-    const char *base = llm->cfg->llm_base_url;
-    size_t bl = strlen(base);
-    while (bl > 0 && base[bl - 1] == '/')
-        bl--;
-    snprintf(url, sizeof url, "%.*s%s", (int)bl, base, path);
+    struct endpoint *ep = &llm->ep[epi >= 0 && epi < llm->nep ? epi : 0];
+    snprintf(url, sizeof url, "%s%s", ep->base, path);
 
     struct llm_call *call = xcalloc(1, sizeof *call);
     call->llm = llm;
+    call->ep = ep;
     call->cb = cb;
     call->arg = arg;
     call->started_ms = mono_ms();
@@ -262,6 +307,11 @@ void llm_cancel(struct llm_call *call)
 int llm_in_flight(const struct llm *llm)
 {
     return llm->in_flight;
+}
+
+int llm_endpoints(const struct llm *llm)
+{
+    return llm->nep;
 }
 
 void llm_free(struct llm *llm)

@@ -35,12 +35,19 @@ struct llm *llm_new(struct event_base *base, const struct config *cfg);
 /* Cancels every call (no callbacks) and frees the client. */
 void llm_free(struct llm *llm);
 
-/* POSTs body (copied) as JSON to {llm-base-url}{path}. Returns a handle valid until the callback runs or the
- * call is cancelled. Never NULL. */
-struct llm_call *llm_post(struct llm *llm, const char *path, const char *body, size_t len, llm_cb *cb, void *arg);
+/* Reserves room on the least busy endpoint (base URL) below llm-endpoint-max-in-flight and returns its index,
+ * or -1 if all are full. The reservation is held until llm_release(), across any number of calls. */
+int llm_reserve(struct llm *llm);
+void llm_release(struct llm *llm, int ep);
+/* POSTs body (copied) as JSON to {base of endpoint ep}{path}. Returns a handle valid until the callback runs or
+ * the call is cancelled. Never NULL. */
+struct llm_call *llm_post(struct llm *llm, int ep, const char *path, const char *body, size_t len, llm_cb *cb,
+                          void *arg);
 /* Aborts a call; its callback will not run. Must not be called from that call's own callback. */
 void llm_cancel(struct llm_call *call);
 int llm_in_flight(const struct llm *llm);
+/* The number of configured endpoints (base URLs). */
+int llm_endpoints(const struct llm *llm);
 
 /* Parses retry-after-ms (milliseconds) or Retry-After (delta seconds or an HTTP date, relative to now_ms).
  * Returns milliseconds (>= 0) or -1 when neither header is usable. Exposed for tests. */

@@ -57,6 +57,7 @@ struct job {
     enum job_step step; /* what the backoff timer resumes */
     bool abandoned;
     bool has_slot;
+    int ep;          /* the LLM endpoint reserved with the slot */
     bool op_pending; /* a Redis reply is due */
     int drs_pending; /* delivery reports due */
     bool publish_failed;
@@ -131,7 +132,6 @@ static void job_step_run(struct job *job);
 static void job_done(struct job *job);
 static void job_publish(struct job *job);
 static void job_finish(struct job *job);
-static void slot_release(struct worker *w);
 static void check_drained(struct worker *w);
 static void drained_now(struct worker *w);
 static void revoke_check(struct worker *w);
@@ -290,7 +290,7 @@ static void slot_acquire(struct job *job)
         check_drained(w);
         return;
     }
-    if (w->in_flight < w->cfg->max_in_flight && !w->draining) {
+    if (w->in_flight < w->cfg->max_in_flight && !w->ready_head && (job->ep = llm_reserve(w->llm)) >= 0) {
         w->in_flight++;
         job->has_slot = true;
         job_step_run(job);
@@ -306,11 +306,13 @@ static void slot_acquire(struct job *job)
     w->ready_tail = job;
 }
 
+/* Starts the jobs waiting for a slot, in order, while there is room. */
 static void slot_release(struct worker *w)
 {
-    w->in_flight--;
     while (w->ready_head && w->in_flight < w->cfg->max_in_flight && !w->draining) {
         struct job *job = w->ready_head;
+        if ((job->ep = llm_reserve(w->llm)) < 0)
+            break;
         ready_remove(w, job);
         w->in_flight++;
         job->has_slot = true;
@@ -322,6 +324,8 @@ static void job_drop_slot(struct job *job)
 {
     if (job->has_slot) {
         job->has_slot = false;
+        job->w->in_flight--;
+        llm_release(job->w->llm, job->ep);
         slot_release(job->w);
     }
 }
@@ -592,7 +596,7 @@ static void job_call(struct job *job)
     job->state = J_CALL;
     job->attempts++;
     job->w->llm_calls++;
-    job->call = llm_post(job->w->llm, "/chat/completions", job->req_body, job->req_len, call_cb, job);
+    job->call = llm_post(job->w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, call_cb, job);
 }
 
 /* ---------------------------------------------------------------- beginning */
