@@ -29,7 +29,7 @@ KAFKA_PORT=${KAFKA_PORT:-9092}
 REDIS_PORT=${REDIS_PORT:-6390}
 APP_STOP_TIMEOUT=20
 
-log() { printf 'run: %s\n' "$*" >&2; }
+log() { printf 'run: %s\n' "$*" >&2 || true; } # never fail: stderr may be a closed pipe
 die() {
   log "ERROR: $*"
   exit 1
@@ -68,7 +68,12 @@ app_pid="" fake_pid="" cleaned=0
 cleanup() {
   ((cleaned == 0)) || return 0
   cleaned=1
-  trap '' INT TERM HUP # a second Ctrl-C must not cut the shutdown short
+  # A second Ctrl-C must not cut the shutdown short, nor a closed terminal or pipe (make run | tee) whose
+  # reader is gone: the log lines below would otherwise kill this script with SIGPIPE before it cleaned up.
+  trap '' INT TERM HUP PIPE
+  # If the terminal or pipe is gone, later output (ours and stack.sh's, which would stop at its first failed
+  # write under set -e) goes nowhere instead.
+  { printf 'run: shutting down\n' >&2; } 2>/dev/null || exec >/dev/null 2>&1
   [[ -z "$app_pid" ]] || stop_child asyncllm "$app_pid" "$APP_STOP_TIMEOUT"
   [[ -z "$fake_pid" ]] || stop_child fakellm "$fake_pid" 5
   log "stopping the stack"
