@@ -9,13 +9,28 @@
 
 char *chat_request_new(const char *model, long max_tokens, const struct chat_msg *msgs, size_t n, size_t *len)
 {
+    struct chat_opts o = {.max_tokens = max_tokens, .temperature = -1, .top_p = -1};
+    return chat_request_new_opts(model, &o, msgs, n, len);
+}
+
+char *chat_request_new_opts(const char *model, const struct chat_opts *o, const struct chat_msg *msgs, size_t n,
+                            size_t *len)
+{
     json_t *arr = json_array();
     for (size_t i = 0; i < n; i++)
         json_array_append_new(arr,
                               json_pack("{s:s, s:s%}", "role", msgs[i].role, "content", msgs[i].content, msgs[i].len));
     json_t *req = json_pack("{s:s, s:o}", "model", model, "messages", arr);
-    if (max_tokens > 0)
-        json_object_set_new(req, "max_tokens", json_integer(max_tokens));
+    if (o->max_tokens > 0)
+        json_object_set_new(req, "max_tokens", json_integer(o->max_tokens));
+    if (o->temperature >= 0)
+        json_object_set_new(req, "temperature", json_real(o->temperature));
+    if (o->top_p >= 0)
+        json_object_set_new(req, "top_p", json_real(o->top_p));
+    if (o->stream) {
+        json_object_set_new(req, "stream", json_true());
+        json_object_set_new(req, "stream_options", json_pack("{s:b}", "include_usage", 1));
+    }
     char *s = json_dumps(req, JSON_COMPACT);
     json_decref(req);
     if (!s)
@@ -54,6 +69,59 @@ int chat_parse_response(const char *body, size_t len, struct chat_result *out, c
     out->total_tokens = (long)json_integer_value(json_object_get(usage, "total_tokens"));
     if (out->total_tokens == 0)
         out->total_tokens = out->prompt_tokens + out->completion_tokens;
+    json_decref(root);
+    return 0;
+}
+
+static void set_str(char **dst, const char *v)
+{
+    if (!v)
+        return;
+    free(*dst);
+    *dst = xstrdup(v);
+}
+
+int chat_stream_chunk(struct chat_result *r, const char *data, size_t len, const char **delta, size_t *delta_len,
+                      char *err, size_t errlen)
+{
+    *delta = "";
+    *delta_len = 0;
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0)
+        return 1;
+    json_t *root = json_loadb(data, len, 0, NULL);
+    if (!json_is_object(root)) {
+        snprintf(err, errlen, "the LLM streamed something that is not a JSON chunk");
+        json_decref(root);
+        return -1;
+    }
+    json_t *e = json_object_get(root, "error");
+    if (e) {
+        const char *m = json_string_value(json_object_get(e, "message"));
+        snprintf(err, errlen, "the LLM streamed an error: %s", m ? m : "(no message)");
+        json_decref(root);
+        return -1;
+    }
+    set_str(&r->model, json_string_value(json_object_get(root, "model")));
+    json_t *choice = json_array_get(json_object_get(root, "choices"), 0);
+    json_t *content = json_object_get(json_object_get(choice, "delta"), "content");
+    if (json_is_string(content) && json_string_length(content) > 0) {
+        size_t n = json_string_length(content);
+        r->content = xrealloc(r->content, r->content_len + n + 1);
+        memcpy(r->content + r->content_len, json_string_value(content), n);
+        r->content_len += n;
+        r->content[r->content_len] = '\0';
+        *delta = r->content + r->content_len - n; /* the new text, inside r->content */
+        *delta_len = n;
+    }
+    set_str(&r->finish_reason, json_string_value(json_object_get(choice, "finish_reason")));
+    json_t *usage = json_object_get(root, "usage");
+    if (json_is_object(usage)) {
+        r->prompt_tokens = (long)json_integer_value(json_object_get(usage, "prompt_tokens"));
+        r->completion_tokens = (long)json_integer_value(json_object_get(usage, "completion_tokens"));
+        r->total_tokens = (long)json_integer_value(json_object_get(usage, "total_tokens"));
+        if (r->total_tokens == 0)
+            r->total_tokens = r->prompt_tokens + r->completion_tokens;
+    }
     json_decref(root);
     return 0;
 }

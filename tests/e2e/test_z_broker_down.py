@@ -1,0 +1,113 @@
+"""The broker stops: /answer answers 503 with Retry-After (never 202), /readyz 503; the broker comes
+back: normal service. Runs last (it stops the stack's Kafka); the broker is started again whatever
+happens."""
+
+import contextlib
+import time
+
+import pytest
+
+from conftest import assert_error, llm_answer, stack, unique, wait_for
+
+PRODUCE_TIMEOUT_MS = 3000
+# The worker's consumer-group session timeout is 10 s (src/kafka/kafka.c): an outage longer than that
+# always makes the group rebalance when the broker is back, which the worker must survive.
+MIN_OUTAGE_S = 12
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    return cluster.start("api", produce_timeout_ms=PRODUCE_TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def worker(cluster):
+    return cluster.start("worker")
+
+
+@contextlib.contextmanager
+def broker_stopped(api, min_outage_s=0):
+    """Kafka stopped for the duration of the block (at least min_outage_s), started again (and ready)
+    whatever happens."""
+    stack("kafka-stop")
+    t0 = time.monotonic()
+    try:
+        yield
+        time.sleep(max(0.0, min_outage_s - (time.monotonic() - t0)))
+    finally:
+        stack("kafka-start")
+        wait_for(lambda: api.get("/readyz").status == 200, 60, "/readyz to answer 200 after the broker restart",
+                 interval=0.2)
+
+
+def test_503_not_202_while_the_broker_is_down_then_normal_service(api, worker, kafka, cluster):
+    # Normal service first.
+    p0 = unique("before")
+    cid0 = api.submit(p0)["conversation_id"]
+    assert api.wait_done(cid0)["llm_response"] == llm_answer(p0)
+
+    rejected = []
+    with broker_stopped(api, MIN_OUTAGE_S):
+        for i, method in enumerate(["POST", "GET", "POST"]):
+            p = unique(f"during-{i}")
+            t0 = time.monotonic()
+            r = api.submit_post(p) if method == "POST" else api.submit_get(p)
+            elapsed = time.monotonic() - t0
+            assert r.status != 202, f"202 for a prompt that cannot be in Kafka (broker stopped): {r!r}"
+            assert_error(r, 503)
+            ra = r.headers.get("retry-after")
+            assert ra is not None and ra.strip().isdigit(), f"503 without Retry-After seconds: {r!r}"
+            # Bounded by the produce timeout (plus slack for a slow sanitized build): a hang guard.
+            assert elapsed < PRODUCE_TIMEOUT_MS / 1000 + 10, f"503 took {elapsed:.1f} s"
+            rejected.append(p)
+
+        # A follow-up to an existing conversation is refused the same way.
+        assert_error(api.submit_post(unique("during-followup"), conversation_id=cid0), 503)
+
+        # /polling needs Redis only.
+        r = api.poll(cid0)
+        assert r.status == 200 and r.json()["llm_response"] == llm_answer(p0), r
+
+    # Service is back: a submit is accepted (retried while the producer reconnects) and completes.
+    p1 = unique("after")
+
+    def accepted():
+        r = api.submit_post(p1)
+        if r.status == 503:
+            return None
+        assert r.status == 202, r
+        return r.json()
+
+    cid1 = wait_for(accepted, 60, "a submit to be accepted after the broker restart", interval=0.5)["conversation_id"]
+    b = api.wait_done(cid1, timeout=45)
+    assert (b["status"], b["llm_response"]) == ("complete", llm_answer(p1)), b
+    # And a follow-up on the conversation from before the outage.
+    p2 = unique("after-followup")
+    api.submit(p2, conversation_id=cid0)
+    b = api.wait_done(cid0, timeout=45, user_prompt=p2)
+    assert (b["status"], b["llm_response"]) == ("complete", llm_answer(p2, messages=3)), b
+
+    # The prompts refused with 503 were not delivered later on behind the client's back.
+    on_topic = {m["value"]["prompt"] for m in kafka.read(cluster.topic_prompts) if m["value"]}
+    assert p0 in on_topic and p1 in on_topic and p2 in on_topic
+    assert not (set(rejected) & on_topic), f"prompts answered 503 reached Kafka: {set(rejected) & on_topic}"
+
+
+def test_readyz_stays_503_while_the_broker_is_down(api, worker):
+    """/readyz says "Kafka and Redis are reachable": with the broker stopped it must answer 503, and keep
+    answering 503 (not only at the moment the connection drops) while nothing is being produced."""
+    assert api.get("/readyz").status == 200
+    samples = []
+    with broker_stopped(api):
+        wait_for(lambda: api.get("/readyz").status == 503, 30, "/readyz to answer 503 with the broker down",
+                 interval=0.2)
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            r = api.get("/readyz")
+            samples.append((round(time.monotonic() - end + 6, 2), r.status, r.body.decode(errors="replace").strip()))
+            time.sleep(0.25)
+    bad = [s for s in samples if s[1] != 503]
+    assert not bad, (f"/readyz answered {bad[0][1]} {bad[0][2]} {bad[0][0]} s after it first answered 503, with the "
+                     f"broker still stopped ({len(bad)} of {len(samples)} samples over 6 s were not 503)")
+    body = samples[0][2]
+    assert '"kafka":false' in body.replace(" ", ""), body
