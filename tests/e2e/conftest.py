@@ -225,9 +225,15 @@ class Kafka:
         (str or None), value (parsed JSON or None)}."""
         cmd = ["kcat", "-b", self.bootstrap, "-C", "-t", topic, "-o", "beginning", "-e", "-J", "-q",
                "-X", "fetch.wait.max.ms=10"]
-        p = subprocess.run(cmd, capture_output=True, timeout=timeout)
-        if p.returncode != 0:
-            raise AssertionError(f"kcat failed ({p.returncode}) on {topic}: {p.stderr.decode(errors='replace')}")
+        deadline = time.monotonic() + 10
+        while True:
+            p = subprocess.run(cmd, capture_output=True, timeout=timeout)
+            if p.returncode == 0:
+                break
+            # A topic created a moment ago may not be in the broker's metadata yet: retry briefly.
+            if b"Unknown topic" not in p.stderr or time.monotonic() >= deadline:
+                raise AssertionError(f"kcat failed ({p.returncode}) on {topic}: {p.stderr.decode(errors='replace')}")
+            time.sleep(0.2)
         out = []
         for line in p.stdout.decode("utf-8").splitlines():
             if not line.strip():
