@@ -426,6 +426,7 @@ struct api *api_new(struct event_base *base, const struct config *cfg, char *err
         return NULL;
     }
     kafka_producer_warm(api->kp, cfg->topic_prompts);
+    kafka_producer_watch(api->kp, base, cfg->topic_prompts);
     api->st = store_new(base, cfg);
     api->http = http_server_new(base, cfg, cfg->http_addr, (int)cfg->http_port, api_request_cb, api, &api->port,
                                 &api->listener, err, errlen);

@@ -101,14 +101,29 @@ struct kafka_producer {
     bool up;
     rd_kafka_topic_t *warm[4]; /* topic handles held so their metadata stays known */
     int nwarm;
+    /* readiness probe (see probe_cb); off unless kafka_producer_watch() was called */
+    char probe_topic[256];
+    rd_kafka_queue_t *probe_q;
+    struct event *probe_ev;
+    bool probe_inflight;
+    int64_t last_ok_ms;
 };
+
+static void set_up(struct kafka_producer *kp, bool up, const char *why)
+{
+    if (up != kp->up)
+        log_info("kafka: brokers %s%s%s", up ? "reachable" : "unreachable", why ? ": " : "", why ? why : "");
+    kp->up = up;
+}
 
 static void producer_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     (void)rk;
     struct kafka_producer *kp = opaque;
-    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
-        kp->up = true;
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        kp->last_ok_ms = mono_ms();
+        set_up(kp, true, NULL);
+    }
     kp->dr(m->_private, m->err, m->partition, m->offset);
 }
 
@@ -118,42 +133,48 @@ static void producer_error_cb(rd_kafka_t *rk, int err, const char *reason, void 
     struct kafka_producer *kp = opaque;
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || err == RD_KAFKA_RESP_ERR__TRANSPORT) {
         if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-            kp->up = false;
+            set_up(kp, false, reason);
         log_warn("kafka producer: %s", reason);
         return;
     }
     log_error("kafka producer error: %s: %s", rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
 }
 
-/* Statistics arrive every second. A producer connects sparsely (only to the brokers it needs), so a broker
- * in INIT was simply never needed; the cluster counts as reachable while some connection is UP or no
- * connection has been tried and failed. */
-static int producer_stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+/* Readiness. librdkafka connects sparsely and its broker states cycle (CONNECT, DOWN, INIT) while a broker is
+ * away, so neither states nor statistics say reliably whether the cluster answers. A probe does: while no
+ * delivery report has succeeded in the last second, a DescribeConfigs request for a known topic goes out (at
+ * most one at a time, 2 s timeout) and its answer, served from its own queue by a 1 s timer, sets `up`. A
+ * successful delivery sets `up`; librdkafka's "all brokers down" clears it. */
+#define PROBE_INTERVAL_MS 1000
+#define PROBE_TIMEOUT_MS 2000
+
+static void probe_start(struct kafka_producer *kp)
 {
-    (void)rk;
-    struct kafka_producer *kp = opaque;
-    json_t *root = json_loadb(json, len, 0, NULL);
-    if (!root)
-        return 0;
-    bool any_up = false, any_failing = false;
-    const char *name;
-    json_t *b;
-    json_object_foreach(json_object_get(root, "brokers"), name, b)
-    {
-        const char *state = json_string_value(json_object_get(b, "state"));
-        if (!state)
-            continue;
-        if (strcmp(state, "UP") == 0)
-            any_up = true;
-        else if (strcmp(state, "INIT") != 0)
-            any_failing = true;
+    rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, kp->probe_topic);
+    rd_kafka_AdminOptions_t *opt = rd_kafka_AdminOptions_new(kp->rk, RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS);
+    rd_kafka_AdminOptions_set_request_timeout(opt, PROBE_TIMEOUT_MS, NULL, 0);
+    rd_kafka_DescribeConfigs(kp->rk, &res, 1, opt, kp->probe_q);
+    rd_kafka_AdminOptions_destroy(opt);
+    rd_kafka_ConfigResource_destroy(res);
+    kp->probe_inflight = true;
+}
+
+static void probe_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct kafka_producer *kp = arg;
+    if (kp->probe_inflight) {
+        rd_kafka_event_t *ev = rd_kafka_queue_poll(kp->probe_q, 0);
+        if (!ev)
+            return;
+        kp->probe_inflight = false;
+        rd_kafka_resp_err_t e = rd_kafka_event_error(ev);
+        set_up(kp, e == RD_KAFKA_RESP_ERR_NO_ERROR, e ? rd_kafka_event_error_string(ev) : NULL);
+        rd_kafka_event_destroy(ev);
     }
-    bool up = any_up || !any_failing;
-    if (up != kp->up)
-        log_info("kafka: brokers %s", up ? "reachable" : "unreachable");
-    kp->up = up;
-    json_decref(root);
-    return 0; /* librdkafka frees json */
+    if (mono_ms() - kp->last_ok_ms >= PROBE_INTERVAL_MS)
+        probe_start(kp);
 }
 
 static void producer_io_cb(evutil_socket_t fd, short what, void *arg)
@@ -183,8 +204,7 @@ struct kafka_producer *kafka_producer_new(struct event_base *base, const struct 
     snprintf(tmo, sizeof tmo, "%ld", cfg->produce_timeout_ms);
     if (set_conf(conf, "enable.idempotence", "true", err, errlen) || set_conf(conf, "acks", "all", err, errlen) ||
         set_conf(conf, "partitioner", "murmur2_random", err, errlen) ||
-        set_conf(conf, "message.timeout.ms", tmo, err, errlen) || set_conf(conf, "linger.ms", "1", err, errlen) ||
-        set_conf(conf, "statistics.interval.ms", "1000", err, errlen)) {
+        set_conf(conf, "message.timeout.ms", tmo, err, errlen) || set_conf(conf, "linger.ms", "1", err, errlen)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
@@ -198,7 +218,6 @@ struct kafka_producer *kafka_producer_new(struct event_base *base, const struct 
     rd_kafka_conf_set_opaque(conf, kp);
     rd_kafka_conf_set_dr_msg_cb(conf, producer_dr_cb);
     rd_kafka_conf_set_error_cb(conf, producer_error_cb);
-    rd_kafka_conf_set_stats_cb(conf, producer_stats_cb);
     kp->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
     if (!kp->rk) {
         rd_kafka_conf_destroy(conf);
@@ -234,6 +253,18 @@ void kafka_producer_warm(struct kafka_producer *kp, const char *topic)
         kp->warm[kp->nwarm++] = rd_kafka_topic_new(kp->rk, topic, NULL); /* queries the leaders in the background */
 }
 
+void kafka_producer_watch(struct kafka_producer *kp, struct event_base *base, const char *topic)
+{
+    if (kp->probe_ev)
+        return;
+    snprintf(kp->probe_topic, sizeof kp->probe_topic, "%s", topic);
+    kp->probe_q = rd_kafka_queue_new(kp->rk);
+    kp->probe_ev = event_new(base, -1, EV_PERSIST, probe_cb, kp);
+    struct timeval tv = {0, PROBE_INTERVAL_MS * 1000};
+    event_add(kp->probe_ev, &tv);
+    probe_start(kp);
+}
+
 bool kafka_producer_up(const struct kafka_producer *kp)
 {
     return kp->up;
@@ -249,6 +280,15 @@ void kafka_producer_free(struct kafka_producer *kp, int timeout_ms)
     if (!kp)
         return;
     rd_kafka_flush(kp->rk, timeout_ms); /* serves delivery reports: their callbacks run here */
+    if (kp->probe_ev) {
+        event_free(kp->probe_ev);
+        rd_kafka_event_t *ev;
+        while ((ev = rd_kafka_queue_poll(kp->probe_q, kp->probe_inflight ? PROBE_TIMEOUT_MS + 500 : 0))) {
+            kp->probe_inflight = false;
+            rd_kafka_event_destroy(ev);
+        }
+        rd_kafka_queue_destroy(kp->probe_q);
+    }
     for (int i = 0; i < kp->nwarm; i++)
         if (kp->warm[i])
             rd_kafka_topic_destroy(kp->warm[i]);

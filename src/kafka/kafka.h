@@ -36,7 +36,11 @@ rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, 
                                   const void *value, size_t valuelen, rd_kafka_headers_t *hdrs, void *opaque);
 /* Looks up topic's metadata now rather than at the first produce (which would otherwise wait for it). */
 void kafka_producer_warm(struct kafka_producer *kp, const char *topic);
-/* False while the client knows of no reachable broker (from error and statistics callbacks). */
+/* Probes the cluster every second (a DescribeConfigs of topic) while no delivery succeeded lately, so that
+ * kafka_producer_up() is accurate even when nothing is produced. */
+void kafka_producer_watch(struct kafka_producer *kp, struct event_base *base, const char *topic);
+/* False while the cluster is not answering (probe failed, all brokers down); true after a successful delivery
+ * or probe. Optimistic until the first probe answers. */
 bool kafka_producer_up(const struct kafka_producer *kp);
 /* Number of messages waiting for a delivery report. */
 int kafka_producer_outq(const struct kafka_producer *kp);

@@ -811,6 +811,9 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
 static void on_assign(void *ctx, const rd_kafka_topic_partition_list_t *parts)
 {
     struct worker *w = ctx;
+    /* librdkafka keeps a partition paused across rebalances: one we paused while revoking it (or for
+     * backpressure) and that comes back to us must be resumed. */
+    kafka_consumer_pause(w->kc, parts, false);
     for (int i = 0; i < parts->cnt; i++) {
         int32_t p = parts->elems[i].partition;
         if (p >= w->nparts) {
