@@ -45,6 +45,9 @@ static const struct cfg_entry entries[] = {
     I("redis-timeout-ms", redis_timeout_ms, 10, 600000, "2000", "deadline of one Redis command"),
     I("conversation-ttl-s", conversation_ttl_s, 0, 315360000, "604800",
       "seconds a conversation is kept in Redis after its last change (0: forever)"),
+    I("stream-max-events", stream_max_events, 16, 100000000, "10000",
+      "events kept per streamed response for resuming (older ones are trimmed)"),
+    I("stream-ttl-s", stream_ttl_s, 1, 315360000, "86400", "seconds a streamed response's events are kept"),
     /* HTTP */
     S("http-addr", http_addr, "127.0.0.1", "address the HTTP API listens on"),
     I("http-port", http_port, 0, 65535, "8080", "port the HTTP API listens on"),
@@ -55,6 +58,9 @@ static const struct cfg_entry entries[] = {
       "deadline of one API request; past it the client gets 503 with Retry-After"),
     S("public-url", public_url, "", "absolute base of polling_url (e.g. https://llm.example.com); empty: relative"),
     I("retry-after-s", retry_after_s, 0, 3600, "1", "Retry-After suggested to clients on 202 and 503"),
+    I("poll-max-wait-s", poll_max_wait_s, 0, 3600, "60", "longest long poll (GET /polling?wait=N) allowed"),
+    I("sync-timeout-s", sync_timeout_s, 1, 86400, "300",
+      "POST /v1/responses without background waits this long for the result, then answers it as it is"),
     /* LLM */
     S("llm-base-url", llm_base_url, "https://api.openai.com/v1",
       "OpenAI-compatible base URL; the worker POSTs to {base}/chat/completions. Several, comma-separated: each "

@@ -28,6 +28,8 @@ struct config {
     const char *redis_password;
     long redis_timeout_ms;
     long conversation_ttl_s;
+    long stream_max_events;
+    long stream_ttl_s;
     /* HTTP API */
     const char *http_addr;
     long http_port;
@@ -36,6 +38,8 @@ struct config {
     long request_timeout_ms;
     const char *public_url;
     long retry_after_s;
+    long poll_max_wait_s;
+    long sync_timeout_s;
     /* LLM */
     const char *llm_base_url;
     const char *llm_api_key;

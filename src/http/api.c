@@ -1,16 +1,11 @@
-/* api.c - see api.h.
- *
- * Lifetimes. A submit is a struct submit with a reference count: one reference for each asynchronous operation
- * that will call back (a Redis command, a Kafka delivery report), plus one while the HTTP request is
- * unanswered. The request deadline answers 503 and drops the request's reference; a late callback then finds
- * sub->req == NULL, finishes its bookkeeping (rejecting the turn if the produce failed) and drops its own.
- * libevent keeps an unanswered request alive even if the client goes away (evhttp detaches it from the dead
- * connection and frees it when we reply), so sub->req stays valid until we answer. */
+/* api.c - see api.h: the seed's routes (/answer, /polling), health, routing and the API's lifecycle. The
+ * submit machinery is in submit.c, waiting requests in watch.c, OpenAI's Responses API in responses.c. */
 #include "http/api.h"
 
 #include "core/config.h"
 #include "core/log.h"
 #include "core/util.h"
+#include "http/api_internal.h"
 #include "http/http.h"
 #include "kafka/kafka.h"
 #include "store/store.h"
@@ -22,32 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct api {
-    struct event_base *base;
-    const struct config *cfg;
-    struct evhttp *http;
-    struct evhttp_bound_socket *listener; /* NULL once we stopped listening */
-    struct kafka_producer *kp;
-    struct store *st; /* NULL during shutdown, once closed */
-    int port;
-    int waiting; /* submits whose request is not answered yet */
-};
-
-struct submit {
-    struct api *api;
-    struct evhttp_request *req; /* NULL once answered */
-    int refs;
-    struct event *deadline;
-    bool is_new;
-    long turn;
-    char conv_id[72];
-    char *prompt;
-    size_t prompt_len;
-};
+void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset); /* submit.c */
 
 /* ---------------------------------------------------------------- helpers */
 
-static void reply_unavailable(struct api *api, struct evhttp_request *req, const char *what)
+void api_reply_unavailable(struct api *api, struct evhttp_request *req, const char *what)
 {
     char ra[24];
     snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s > 0 ? api->cfg->retry_after_s : 1);
@@ -55,186 +29,45 @@ static void reply_unavailable(struct api *api, struct evhttp_request *req, const
     http_reply_error(req, 503, "service_unavailable", "service_unavailable", "%s; retry later", what);
 }
 
-static void polling_url(const struct api *api, const char *conv_id, char *out, size_t len)
+void api_polling_url(const struct api *api, const char *conv_id, char *out, size_t len)
 {
     snprintf(out, len, "%s/polling?conversationId=%s", api->cfg->public_url, conv_id);
 }
 
-/* ---------------------------------------------------------------- submit */
-
-static void submit_release(struct submit *sub)
-{
-    if (--sub->refs > 0)
-        return;
-    if (sub->deadline)
-        event_free(sub->deadline);
-    free(sub->prompt);
-    free(sub);
-}
-
-/* Takes sub->req: after this, the request is answered by the caller and forgotten here. */
-static struct evhttp_request *submit_take_req(struct submit *sub)
-{
-    struct evhttp_request *req = sub->req;
-    if (!req)
-        return NULL;
-    sub->req = NULL;
-    sub->api->waiting--;
-    evtimer_del(sub->deadline);
-    submit_release(sub); /* the request's reference; callers hold another, so sub survives */
-    return req;
-}
-
-static void submit_deadline_cb(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    struct submit *sub = arg;
-    sub->refs++; /* keep sub alive across submit_take_req */
-    struct evhttp_request *req = submit_take_req(sub);
-    if (req)
-        reply_unavailable(sub->api, req, "the request passed its deadline waiting for Kafka or Redis");
-    submit_release(sub);
-}
-
-static void submit_fail(struct submit *sub, int code, const char *type, const char *errcode, const char *msg)
-{
-    struct evhttp_request *req = submit_take_req(sub);
-    if (!req)
-        return;
-    if (code == 503)
-        reply_unavailable(sub->api, req, msg);
-    else
-        http_reply_error(req, code, type, errcode, "%s", msg);
-}
-
-static void submit_produced(struct submit *sub, bool ok, const char *why)
-{
-    struct api *api = sub->api;
-    if (!ok && api->st)
-        store_reject(api->st, sub->conv_id, sub->turn, sub->is_new);
-    struct evhttp_request *req = submit_take_req(sub);
-    if (!req) {
-        if (ok)
-            log_warn("conversation %s turn %ld was accepted by Kafka after its request timed out", sub->conv_id,
-                     sub->turn);
-        return;
-    }
-    if (!ok) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "the prompt could not be queued (%s)", why);
-        reply_unavailable(api, req, msg);
-        return;
-    }
-    char url[1024], ra[24];
-    polling_url(api, sub->conv_id, url, sizeof url);
-    snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Location", url);
-    evhttp_add_header(h, "Retry-After", ra);
-    http_reply_json(req, 202,
-                    json_pack("{s:s, s:s, s:s, s:I}", "conversation_id", sub->conv_id, "status", "pending",
-                              "polling_url", url, "turn", (json_int_t)sub->turn));
-}
-
-/* Delivery report of a prompt (see kafka.h): the broker's answer. */
-static void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset)
-{
-    struct submit *sub = opaque;
-    if (err)
-        log_warn("produce of conversation %s failed: %s", sub->conv_id, rd_kafka_err2str(err));
-    else
-        log_debug("conversation %s turn %ld queued at partition %d offset %" PRId64, sub->conv_id, sub->turn, partition,
-                  offset);
-    submit_produced(sub, err == RD_KAFKA_RESP_ERR_NO_ERROR, err ? rd_kafka_err2str(err) : NULL);
-    submit_release(sub);
-}
-
-static void submit_stored_cb(void *arg, int rc, long turn)
-{
-    struct submit *sub = arg;
-    struct api *api = sub->api;
-    if (rc == STORE_ENOTFOUND) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "no conversation with id '%s'", sub->conv_id);
-        submit_fail(sub, 404, "invalid_request_error", "conversation_not_found", msg);
-    } else if (rc != STORE_OK) {
-        submit_fail(sub, 503, NULL, NULL, "the conversation store (Redis) is unavailable");
-    } else if (!sub->req) {
-        /* Deadline passed while Redis answered: never produced, so the turn is rejected. */
-        store_reject(api->st, sub->conv_id, turn, sub->is_new);
-    } else {
-        sub->turn = turn;
-        json_t *msg = json_pack("{s:s, s:s%, s:I, s:I}", "conversation_id", sub->conv_id, "prompt", sub->prompt,
-                                sub->prompt_len, "turn", (json_int_t)turn, "submitted_at", (json_int_t)now_ms());
-        char *value = json_dumps(msg, JSON_COMPACT);
-        json_decref(msg);
-        rd_kafka_resp_err_t e = kafka_produce(api->kp, api->cfg->topic_prompts, sub->conv_id, strlen(sub->conv_id),
-                                              value, strlen(value), NULL, sub);
-        free(value);
-        if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
-            sub->refs++; /* the delivery report's */
-        else
-            submit_produced(sub, false, rd_kafka_err2str(e));
-    }
-    submit_release(sub);
-}
-
-/* Starts a submit; prompt is validated UTF-8 and non-empty, conv_id NULL for a new conversation. */
-static void submit_start(struct api *api, struct evhttp_request *req, const char *prompt, size_t prompt_len,
-                         const char *conv_id)
-{
-    if (!store_connected(api->st)) {
-        reply_unavailable(api, req, "the conversation store (Redis) is unavailable");
-        return;
-    }
-    if (!kafka_producer_up(api->kp)) {
-        reply_unavailable(api, req, "the message broker (Kafka) is unreachable");
-        return;
-    }
-    struct submit *sub = xcalloc(1, sizeof *sub);
-    sub->api = api;
-    sub->req = req;
-    sub->refs = 2; /* the request's and the Redis command's */
-    sub->is_new = conv_id == NULL;
-    if (conv_id) {
-        snprintf(sub->conv_id, sizeof sub->conv_id, "%s", conv_id);
-    } else if (conv_id_new(sub->conv_id)) {
-        free(sub);
-        reply_unavailable(api, req, "no randomness available for a conversation id");
-        return;
-    }
-    sub->prompt = xstrndup(prompt, prompt_len);
-    sub->prompt_len = prompt_len;
-    sub->deadline = evtimer_new(api->base, submit_deadline_cb, sub);
-    struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
-    evtimer_add(sub->deadline, &tv);
-    api->waiting++;
-    store_submit(api->st, sub->conv_id, sub->prompt, sub->prompt_len, sub->is_new, submit_stored_cb, sub);
-}
-
-/* Checks a prompt; answers 400 and returns false if it is unusable. */
-static bool prompt_ok(struct evhttp_request *req, const char *prompt, size_t len)
+bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *prompt, size_t len)
 {
     if (!utf8_valid(prompt, len)) {
-        http_reply_error(req, 400, "invalid_request_error", "invalid_utf8", "'prompt' is not valid UTF-8");
+        http_reply_error(req, 400, "invalid_request_error", "invalid_utf8", "'%s' is not valid UTF-8", what);
         return false;
     }
     if (!has_non_space(prompt, len)) {
-        http_reply_error(req, 400, "invalid_request_error", "empty_prompt", "'prompt' must not be empty");
+        http_reply_error(req, 400, "invalid_request_error", "empty_prompt", "'%s' must not be empty", what);
         return false;
     }
     return true;
 }
 
-/* Checks a conversation id given by a client: 404 if it cannot name a conversation. */
-static bool conv_id_ok(struct evhttp_request *req, const char *id)
+bool api_conv_id_ok(struct evhttp_request *req, const char *id)
 {
     if (conv_id_valid(id, strlen(id)))
         return true;
     http_reply_error(req, 404, "invalid_request_error", "conversation_not_found",
                      "no conversation with that id (ids are 1 to 64 characters of A-Z a-z 0-9 - _)");
     return false;
+}
+
+static const char *idem_key(struct evhttp_request *req)
+{
+    return evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
+}
+
+/* ---------------------------------------------------------------- /answer */
+
+static void answer_submit(struct api *api, struct evhttp_request *req, const char *prompt, size_t len, const char *conv)
+{
+    struct submit_params p = {
+        .prompt = prompt, .prompt_len = len, .conv_id = conv, .idem_key = idem_key(req), .mode = SUBMIT_ANSWER};
+    submit_start(api, req, &p);
 }
 
 static void handle_answer_get(struct api *api, struct evhttp_request *req)
@@ -246,8 +79,8 @@ static void handle_answer_get(struct api *api, struct evhttp_request *req)
     if (!prompt)
         http_reply_error(req, 400, "invalid_request_error", "missing_prompt",
                          "missing query parameter 'prompt' (GET /answer?prompt=...)");
-    else if (prompt_ok(req, prompt, strlen(prompt)) && (!conv || conv_id_ok(req, conv)))
-        submit_start(api, req, prompt, strlen(prompt), conv);
+    else if (api_prompt_ok(req, "prompt", prompt, strlen(prompt)) && (!conv || api_conv_id_ok(req, conv)))
+        answer_submit(api, req, prompt, strlen(prompt), conv);
     free(prompt);
     free(conv);
 }
@@ -294,16 +127,17 @@ static void handle_answer_post(struct api *api, struct evhttp_request *req)
                          "'conversation_id' must be a string");
     else {
         const char *conv = json_is_string(c) ? json_string_value(c) : qconv;
-        if (prompt_ok(req, json_string_value(p), json_string_length(p)) && (!conv || conv_id_ok(req, conv)))
-            submit_start(api, req, json_string_value(p), json_string_length(p), conv);
+        if (api_prompt_ok(req, "prompt", json_string_value(p), json_string_length(p)) &&
+            (!conv || api_conv_id_ok(req, conv)))
+            answer_submit(api, req, json_string_value(p), json_string_length(p), conv);
     }
     free(qconv);
     json_decref(root);
 }
 
-/* ---------------------------------------------------------------- polling */
+/* ---------------------------------------------------------------- /polling */
 
-static json_t *conv_view(const struct conv *conv)
+json_t *api_conv_view(const struct conv *conv)
 {
     long n = conv_current_turn(conv);
     const struct turn *t = n ? &conv->turn[n] : NULL;
@@ -334,33 +168,29 @@ static json_t *conv_view(const struct conv *conv)
     return v;
 }
 
-static void poll_loaded_cb(void *arg, int rc, const struct conv *conv)
-{
-    struct evhttp_request *req = arg;
-    if (rc == STORE_ENOTFOUND)
-        http_reply_error(req, 404, "invalid_request_error", "conversation_not_found", "no conversation with that id");
-    else if (rc != STORE_OK) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        http_reply_error(req, 503, "service_unavailable", "service_unavailable",
-                         "the conversation store (Redis) is unavailable; retry later");
-    } else
-        http_reply_json(req, 200, conv_view(conv));
-}
-
 static void handle_polling(struct api *api, struct evhttp_request *req)
 {
     char *conv = http_query(req, "conversationId");
     if (!conv)
         conv = http_query(req, "conversation_id");
+    char *wait = http_query(req, "wait");
+    long wait_s = 0;
+    char *end = NULL;
+    if (wait)
+        wait_s = strtol(wait, &end, 10);
     if (!conv || !conv[0])
         http_reply_error(req, 400, "invalid_request_error", "missing_conversation_id",
                          "missing query parameter 'conversationId' (GET /polling?conversationId=...)");
-    else if (conv_id_ok(req, conv)) {
+    else if (wait && (end == wait || *end != '\0' || wait_s < 0))
+        http_reply_error(req, 400, "invalid_request_error", "invalid_wait",
+                         "'wait' must be a number of seconds (0 to %ld)", api->cfg->poll_max_wait_s);
+    else if (api_conv_id_ok(req, conv)) {
         if (!store_connected(api->st))
-            reply_unavailable(api, req, "the conversation store (Redis) is unavailable");
+            api_reply_unavailable(api, req, "the conversation store (Redis) is unavailable");
         else
-            store_load(api->st, conv, poll_loaded_cb, req);
+            watch_poll(api, req, conv, wait_s < api->cfg->poll_max_wait_s ? wait_s : api->cfg->poll_max_wait_s);
     }
+    free(wait);
     free(conv);
 }
 
@@ -407,9 +237,9 @@ static void api_request_cb(struct evhttp_request *req, void *arg)
             handle_readyz(api, req);
         else
             method_not_allowed(req, "GET");
-    } else {
+    } else if (!responses_route(api, req, path)) {
         http_reply_error(req, 404, "invalid_request_error", "not_found",
-                         "no route %s (routes: /answer, /polling, /healthz, /readyz)", path);
+                         "no route %s (routes: /answer, /polling, /v1/responses, /healthz, /readyz)", path);
     }
 }
 
@@ -428,9 +258,11 @@ struct api *api_new(struct event_base *base, const struct config *cfg, char *err
     kafka_producer_warm(api->kp, cfg->topic_prompts);
     kafka_producer_watch(api->kp, base, cfg->topic_prompts);
     api->st = store_new(base, cfg);
+    watch_init(api);
     api->http = http_server_new(base, cfg, cfg->http_addr, (int)cfg->http_port, api_request_cb, api, &api->port,
                                 &api->listener, err, errlen);
     if (!api->http) {
+        watch_free(api);
         store_free(api->st);
         kafka_producer_free(api->kp, 0);
         free(api);
@@ -455,6 +287,7 @@ void api_stop_listening(struct api *api)
         evhttp_del_accept_socket(api->http, api->listener);
         api->listener = NULL;
     }
+    watch_close_all(api);
 }
 
 /* Order matters: closing the store answers the requests waiting on Redis (503) while their connections still
@@ -468,6 +301,7 @@ void api_free(struct api *api)
     store_free(api->st);
     api->st = NULL;
     kafka_producer_free(api->kp, 5000);
+    watch_free(api);
     evhttp_free(api->http);
     free(api);
 }

@@ -106,7 +106,9 @@ struct kafka_producer {
     rd_kafka_queue_t *probe_q;
     struct event *probe_ev;
     bool probe_inflight;
+    int64_t probe_started_ms;
     int64_t last_ok_ms;
+    int64_t down_ms; /* when librdkafka last said all brokers are down */
 };
 
 static void set_up(struct kafka_producer *kp, bool up, const char *why)
@@ -132,8 +134,10 @@ static void producer_error_cb(rd_kafka_t *rk, int err, const char *reason, void 
     (void)rk;
     struct kafka_producer *kp = opaque;
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || err == RD_KAFKA_RESP_ERR__TRANSPORT) {
-        if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+        if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
+            kp->down_ms = mono_ms();
             set_up(kp, false, reason);
+        }
         log_warn("kafka producer: %s", reason);
         return;
     }
@@ -157,6 +161,7 @@ static void probe_start(struct kafka_producer *kp)
     rd_kafka_AdminOptions_destroy(opt);
     rd_kafka_ConfigResource_destroy(res);
     kp->probe_inflight = true;
+    kp->probe_started_ms = mono_ms();
 }
 
 static void probe_cb(evutil_socket_t fd, short what, void *arg)
@@ -170,7 +175,9 @@ static void probe_cb(evutil_socket_t fd, short what, void *arg)
             return;
         kp->probe_inflight = false;
         rd_kafka_resp_err_t e = rd_kafka_event_error(ev);
-        set_up(kp, e == RD_KAFKA_RESP_ERR_NO_ERROR, e ? rd_kafka_event_error_string(ev) : NULL);
+        /* A success of a probe sent before the brokers went down says nothing about now. */
+        if (e || kp->down_ms < kp->probe_started_ms)
+            set_up(kp, e == RD_KAFKA_RESP_ERR_NO_ERROR, e ? rd_kafka_event_error_string(ev) : NULL);
         rd_kafka_event_destroy(ev);
     }
     if (mono_ms() - kp->last_ok_ms >= PROBE_INTERVAL_MS)

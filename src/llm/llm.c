@@ -38,6 +38,8 @@ struct llm_call {
     struct llm_call *prev, *next;
     CURL *eh;
     llm_cb *cb;
+    llm_data_cb *on_data; /* streaming: 2xx bodies go here */
+    int status;           /* 0 until known, then the HTTP status of the final answer */
     void *arg;
     struct buf body;
     bool too_large;
@@ -130,6 +132,13 @@ static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
     struct llm_call *call = userdata;
     size_t n = size * nmemb;
+    if (call->on_data && call->status == 0) {
+        long code = 0;
+        curl_easy_getinfo(call->eh, CURLINFO_RESPONSE_CODE, &code);
+        call->status = (int)code;
+    }
+    if (call->on_data && call->status >= 200 && call->status < 300)
+        return call->on_data(call->arg, ptr, n) == 0 ? n : 0;
     if (buf_append(&call->body, ptr, n)) {
         call->too_large = true;
         return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
@@ -257,6 +266,12 @@ void llm_release(struct llm *llm, int ep)
 struct llm_call *llm_post(struct llm *llm, int epi, const char *path, const char *body, size_t len, llm_cb *cb,
                           void *arg)
 {
+    return llm_post_stream(llm, epi, path, body, len, NULL, cb, arg);
+}
+
+struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, const char *body, size_t len,
+                                 llm_data_cb *on_data, llm_cb *cb, void *arg)
+{
     char url[2048];
     struct endpoint *ep = &llm->ep[epi >= 0 && epi < llm->nep ? epi : 0];
     snprintf(url, sizeof url, "%s%s", ep->base, path);
@@ -265,6 +280,7 @@ struct llm_call *llm_post(struct llm *llm, int epi, const char *path, const char
     call->llm = llm;
     call->ep = ep;
     call->cb = cb;
+    call->on_data = on_data;
     call->arg = arg;
     call->started_ms = mono_ms();
     buf_init(&call->body, (size_t)llm->cfg->llm_max_response_bytes);

@@ -30,6 +30,9 @@ struct llm_response {
 };
 
 typedef void llm_cb(void *arg, const struct llm_response *res);
+/* Streaming: receives the body of a 2xx answer as it arrives (instead of res->body). Return 0 to go on, -1 to
+ * abort the call (it then completes with curl_code set). */
+typedef int llm_data_cb(void *arg, const char *data, size_t len);
 
 struct llm *llm_new(struct event_base *base, const struct config *cfg);
 /* Cancels every call (no callbacks) and frees the client. */
@@ -43,6 +46,9 @@ void llm_release(struct llm *llm, int ep);
  * the call is cancelled. Never NULL. */
 struct llm_call *llm_post(struct llm *llm, int ep, const char *path, const char *body, size_t len, llm_cb *cb,
                           void *arg);
+/* Like llm_post, but a 2xx body goes to on_data as it arrives. */
+struct llm_call *llm_post_stream(struct llm *llm, int ep, const char *path, const char *body, size_t len,
+                                 llm_data_cb *on_data, llm_cb *cb, void *arg);
 /* Aborts a call; its callback will not run. Must not be called from that call's own callback. */
 void llm_cancel(struct llm_call *call);
 int llm_in_flight(const struct llm *llm);

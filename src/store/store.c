@@ -10,6 +10,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "core/util.h"
+#include "store/notify.h"
 
 #include <event2/event.h>
 #include <hiredis/adapters/libevent.h>
@@ -23,8 +24,25 @@
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
 
-/* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new. Returns the turn, -1 unknown, -2 taken. */
-static const char LUA_SUBMIT[] =
+/* Every script that changes a turn notifies NOTIFY_CHANNEL with "<conversation> <turn> <what>" (notify.h), and
+ * a turn with an event stream gets its events in asyncllm:ev:<conversation>:<turn> (ids 0-1, 0-2, ...: the
+ * position is the id's sequence part). Scripts build that key themselves, so this store needs a single Redis,
+ * not a cluster. The common ARGV tail of the scripts that touch events: conversation id, stream max length,
+ * stream ttl. */
+#define LUA_EVENT_FN                                                                                                   \
+    "local function ev(conv, n, kind, text, maxlen, ttl)\n"                                                            \
+    "  local ek = 'asyncllm:ev:' .. conv .. ':' .. n\n"                                                                \
+    "  if text then redis.call('XADD', ek, 'MAXLEN', '~', maxlen, '0-*', 'k', kind, 't', text)\n"                      \
+    "  else redis.call('XADD', ek, 'MAXLEN', '~', maxlen, '0-*', 'k', kind) end\n"                                     \
+    "  redis.call('EXPIRE', ek, ttl)\n"                                                                                \
+    "end\n"                                                                                                            \
+    "local function notify(conv, n, what)\n"                                                                           \
+    "  redis.call('PUBLISH', '" NOTIFY_CHANNEL "', conv .. ' ' .. n .. ' ' .. what)\n"                                 \
+    "end\n"
+
+/* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl.
+ * Returns the turn, -1 unknown conversation, -2 id taken. */
+static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "local n\n"
     "if ARGV[4] == '1' then\n"
     "  if redis.call('EXISTS', KEYS[1]) == 1 then return -2 end\n"
@@ -37,7 +55,15 @@ static const char LUA_SUBMIT[] =
     "local p = 't' .. n .. '.'\n"
     "redis.call('HSET', KEYS[1], p .. 'prompt', ARGV[1], p .. 'status', 'pending', p .. 'submitted_at', ARGV[2],\n"
     "           'updated_at', ARGV[2])\n"
+    "if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], p .. 'req', ARGV[5]) end\n"
+    "if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], p .. 'input', ARGV[6]) end\n"
+    "if ARGV[7] == '1' then\n"
+    "  redis.call('HSET', KEYS[1], p .. 'stream', '1')\n"
+    "  redis.call('DEL', 'asyncllm:ev:' .. ARGV[8] .. ':' .. n)\n"
+    "  ev(ARGV[8], n, 'q', nil, ARGV[9], ARGV[10])\n"
+    "end\n"
     "if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
+    "notify(ARGV[8], n, 'status')\n"
     "return n\n";
 
 /* A turn whose produce failed. ARGV: turn, is_new. */
@@ -50,40 +76,45 @@ static const char LUA_REJECT[] = "local p = 't' .. ARGV[1] .. '.'\n"
                                  "redis.call('HSET', KEYS[1], p .. 'status', 'rejected')\n"
                                  "return 1\n";
 
-/* The worker takes a prompt. ARGV: turn (0 = allocate), prompt, now, ttl, source field (k.<partition>.<offset>).
- * Returns {turn, HGETALL}. */
-static const char LUA_BEGIN[] = "local n = tonumber(ARGV[1])\n"
-                                "if redis.call('EXISTS', KEYS[1]) == 0 then\n"
-                                "  redis.call('HSET', KEYS[1], 'turns', 0, 'created_at', ARGV[3])\n"
-                                "end\n"
-                                "if n == 0 then\n"
-                                "  local known = redis.call('HGET', KEYS[1], ARGV[5])\n"
-                                "  if known then n = tonumber(known) else\n"
-                                "    n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
-                                "    redis.call('HSET', KEYS[1], ARGV[5], n)\n"
-                                "  end\n"
-                                "elseif tonumber(redis.call('HGET', KEYS[1], 'turns') or '0') < n then\n"
-                                "  redis.call('HSET', KEYS[1], 'turns', n)\n"
-                                "end\n"
-                                "local p = 't' .. n .. '.'\n"
-                                "if not redis.call('HGET', KEYS[1], p .. 'prompt') then\n"
-                                "  redis.call('HSET', KEYS[1], p .. 'prompt', ARGV[2], p .. 'submitted_at', ARGV[3])\n"
-                                "end\n"
-                                "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
-                                "if not s or s == 'pending' or s == 'rejected' then\n"
-                                "  redis.call('HSET', KEYS[1], p .. 'status', 'in_progress', 'updated_at', ARGV[3])\n"
-                                "end\n"
-                                "if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end\n"
-                                "return {n, redis.call('HGETALL', KEYS[1])}\n";
+/* The worker takes a prompt. ARGV: turn (0 = allocate), prompt, now, ttl, source field (k.<partition>.<offset>),
+ * conv, maxlen, evttl. A pending turn becomes in_progress (a cancelled or deleted one stays so: the worker skips
+ * it). Returns {turn, HGETALL}. */
+static const char LUA_BEGIN[] = LUA_EVENT_FN
+    "local n = tonumber(ARGV[1])\n"
+    "if redis.call('EXISTS', KEYS[1]) == 0 then\n"
+    "  redis.call('HSET', KEYS[1], 'turns', 0, 'created_at', ARGV[3])\n"
+    "end\n"
+    "if n == 0 then\n"
+    "  local known = redis.call('HGET', KEYS[1], ARGV[5])\n"
+    "  if known then n = tonumber(known) else\n"
+    "    n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
+    "    redis.call('HSET', KEYS[1], ARGV[5], n)\n"
+    "  end\n"
+    "elseif tonumber(redis.call('HGET', KEYS[1], 'turns') or '0') < n then\n"
+    "  redis.call('HSET', KEYS[1], 'turns', n)\n"
+    "end\n"
+    "local p = 't' .. n .. '.'\n"
+    "if not redis.call('HGET', KEYS[1], p .. 'prompt') then\n"
+    "  redis.call('HSET', KEYS[1], p .. 'prompt', ARGV[2], p .. 'submitted_at', ARGV[3])\n"
+    "end\n"
+    "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+    "if not s or s == 'pending' or s == 'rejected' then\n"
+    "  redis.call('HSET', KEYS[1], p .. 'status', 'in_progress', p .. 'started_at', ARGV[3], 'updated_at', ARGV[3])\n"
+    "  if redis.call('HGET', KEYS[1], p .. 'stream') == '1' then ev(ARGV[6], n, 's', nil, ARGV[7], ARGV[8]) end\n"
+    "  notify(ARGV[6], n, 'status')\n"
+    "end\n"
+    "if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end\n"
+    "return {n, redis.call('HGETALL', KEYS[1])}\n";
 
 /* Records a turn's outcome once. ARGV: turn, status, response, model, prompt_tokens, completion_tokens,
- * total_tokens, finish_reason, error_code, error_message, now, attempts, ttl. Returns 1 stored, 0 already,
- * -1 conversation gone (deleted or expired: not resurrected). */
-static const char LUA_FINISH[] =
+ * total_tokens, finish_reason, error_code, error_message, now, attempts, ttl, conv, maxlen, evttl. Returns 1
+ * stored, 0 already final (or cancelled, deleted), -1 conversation gone (deleted or expired: not resurrected). */
+static const char LUA_FINISH[] = LUA_EVENT_FN
     "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
     "local p = 't' .. ARGV[1] .. '.'\n"
     "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
     "if s == 'complete' or s == 'failed' then return 0 end\n"
+    "if s == 'cancelled' or s == 'deleted' then return -4 end\n"
     "redis.call('HSET', KEYS[1], p .. 'status', ARGV[2], p .. 'response', ARGV[3], p .. 'model', ARGV[4],\n"
     "  p .. 'prompt_tokens', ARGV[5], p .. 'completion_tokens', ARGV[6], p .. 'total_tokens', ARGV[7],\n"
     "  p .. 'finish_reason', ARGV[8], p .. 'completed_at', ARGV[11], p .. 'attempts', ARGV[12],\n"
@@ -91,7 +122,10 @@ static const char LUA_FINISH[] =
     "if ARGV[2] == 'failed' then\n"
     "  redis.call('HSET', KEYS[1], p .. 'error_code', ARGV[9], p .. 'error_message', ARGV[10])\n"
     "end\n"
+    "if redis.call('HGET', KEYS[1], p .. 'stream') == '1' then ev(ARGV[14], ARGV[1], 'e', nil, ARGV[15], ARGV[16]) "
+    "end\n"
     "if tonumber(ARGV[13]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[13]) end\n"
+    "notify(ARGV[14], ARGV[1], 'status')\n"
     "return 1\n";
 
 static const char LUA_PUBLISHED[] = "if redis.call('EXISTS', KEYS[1]) == 1 then\n"
@@ -99,7 +133,58 @@ static const char LUA_PUBLISHED[] = "if redis.call('EXISTS', KEYS[1]) == 1 then\
                                     "end\n"
                                     "return 1\n";
 
-enum op_kind { OP_SUBMIT, OP_REJECT, OP_LOAD, OP_BEGIN, OP_FINISH, OP_PUBLISHED, OP_AUTH };
+/* A client cancels a turn. ARGV: turn, now, conv, maxlen, evttl. */
+static const char LUA_CANCEL[] = LUA_EVENT_FN
+    "local p = 't' .. ARGV[1] .. '.'\n"
+    "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+    "if not s or s == 'rejected' or s == 'deleted' then return -1 end\n"
+    "if s == 'cancelled' then return 0 end\n"
+    "if s ~= 'pending' and s ~= 'in_progress' then return -4 end\n"
+    "redis.call('HSET', KEYS[1], p .. 'status', 'cancelled', p .. 'completed_at', ARGV[2], 'updated_at', ARGV[2])\n"
+    "if redis.call('HGET', KEYS[1], p .. 'stream') == '1' then ev(ARGV[3], ARGV[1], 'e', nil, ARGV[4], ARGV[5]) end\n"
+    "notify(ARGV[3], ARGV[1], 'cancel')\n"
+    "return 1\n";
+
+/* A client deletes a turn. ARGV: turn, now, conv. */
+static const char LUA_DELETE[] =
+    LUA_EVENT_FN "local p = 't' .. ARGV[1] .. '.'\n"
+                 "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+                 "if not s or s == 'rejected' or s == 'deleted' then return -1 end\n"
+                 "redis.call('HSET', KEYS[1], p .. 'status', 'deleted', 'updated_at', ARGV[2])\n"
+                 "redis.call('HDEL', KEYS[1], p .. 'response', p .. 'input', p .. 'req', p .. 'prompt')\n"
+                 "redis.call('DEL', 'asyncllm:ev:' .. ARGV[3] .. ':' .. ARGV[1])\n"
+                 "if s == 'pending' or s == 'in_progress' then notify(ARGV[3], ARGV[1], 'cancel') end\n"
+                 "notify(ARGV[3], ARGV[1], 'status')\n"
+                 "return 1\n";
+
+/* The conversation and a turn's events after a position. KEYS: conversation, events. ARGV: start, count. */
+static const char LUA_EVENTS[] =
+    "return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}\n";
+
+/* A worker's event. ARGV: turn, kind, text, conv, maxlen, evttl. */
+static const char LUA_EVENT[] =
+    LUA_EVENT_FN "if ARGV[3] == '' then ev(ARGV[4], ARGV[1], ARGV[2], nil, ARGV[5], ARGV[6])\n"
+                 "else ev(ARGV[4], ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]) end\n"
+                 "notify(ARGV[4], ARGV[1], 'events')\n"
+                 "return 1\n";
+
+/* Claims an idempotency key. ARGV: ttl. Returns {} when claimed, {value} when taken. */
+static const char LUA_IDEM[] = "if redis.call('SET', KEYS[1], 'pending', 'NX', 'EX', ARGV[1]) then return {} end\n"
+                               "return {redis.call('GET', KEYS[1])}\n";
+
+enum op_kind {
+    OP_SUBMIT,
+    OP_REJECT,
+    OP_LOAD,
+    OP_BEGIN,
+    OP_FINISH,
+    OP_PUBLISHED,
+    OP_RC, /* cancel, delete */
+    OP_EVENTS,
+    OP_EVENT,
+    OP_IDEM,
+    OP_IDEM_SET,
+};
 
 struct store {
     struct event_base *base;
@@ -122,7 +207,11 @@ struct op {
         store_conv_cb *conv;
         store_begin_cb *begin;
         store_done_cb *done;
+        store_rc_cb *rc;
+        store_events_cb *events;
+        store_idem_cb *idem;
     } cb;
+    long turn;
     char conv_id[72];
 };
 
@@ -141,6 +230,10 @@ const char *turn_status_name(enum turn_status s)
         return "failed";
     case TURN_REJECTED:
         return "rejected";
+    case TURN_CANCELLED:
+        return "cancelled";
+    case TURN_DELETED:
+        return "deleted";
     case TURN_NONE:
         break;
     }
@@ -159,13 +252,23 @@ static enum turn_status parse_status(const char *s)
         return TURN_FAILED;
     if (strcmp(s, "rejected") == 0)
         return TURN_REJECTED;
+    if (strcmp(s, "cancelled") == 0)
+        return TURN_CANCELLED;
+    if (strcmp(s, "deleted") == 0)
+        return TURN_DELETED;
     return TURN_NONE;
+}
+
+bool turn_status_final(enum turn_status s)
+{
+    return s == TURN_COMPLETE || s == TURN_FAILED || s == TURN_CANCELLED;
 }
 
 long conv_current_turn(const struct conv *conv)
 {
     for (long n = conv->nturns; n >= 1; n--)
-        if (conv->turn[n].status != TURN_REJECTED && conv->turn[n].status != TURN_NONE)
+        if (conv->turn[n].status != TURN_REJECTED && conv->turn[n].status != TURN_NONE &&
+            conv->turn[n].status != TURN_DELETED)
             return n;
     return 0;
 }
@@ -284,6 +387,15 @@ static void op_answer_error(struct op *op, int rc)
     case OP_FINISH:
         op->cb.done(op->arg, rc, false);
         break;
+    case OP_RC:
+        op->cb.rc(op->arg, rc);
+        break;
+    case OP_EVENTS:
+        op->cb.events(op->arg, rc, NULL, NULL, 0);
+        break;
+    case OP_IDEM:
+        op->cb.idem(op->arg, rc, NULL);
+        break;
     default:
         break;
     }
@@ -291,7 +403,8 @@ static void op_answer_error(struct op *op, int rc)
 
 static bool has_callback(const struct op *op)
 {
-    return op->kind == OP_SUBMIT || op->kind == OP_LOAD || op->kind == OP_BEGIN || op->kind == OP_FINISH;
+    return op->kind == OP_SUBMIT || op->kind == OP_LOAD || op->kind == OP_BEGIN || op->kind == OP_FINISH ||
+           op->kind == OP_RC || op->kind == OP_EVENTS || op->kind == OP_IDEM;
 }
 
 static void op_timeout_cb(evutil_socket_t fd, short what, void *arg)
@@ -377,10 +490,64 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
             t->submitted_at = parse_long(v->str);
         else if (strcmp(f, "completed_at") == 0)
             t->completed_at = parse_long(v->str);
+        else if (strcmp(f, "started_at") == 0)
+            t->started_at = parse_long(v->str);
         else if (strcmp(f, "published") == 0)
             t->published = true;
+        else if (strcmp(f, "stream") == 0)
+            t->stream = true;
+        else if (strcmp(f, "req") == 0)
+            t->req = v->str;
+        else if (strcmp(f, "input") == 0)
+            t->input = v->str;
     }
     return 0;
+}
+
+/* {HGETALL, XRANGE} -> conversation and events. */
+static void events_reply(struct op *op, const redisReply *reply)
+{
+    struct conv conv = {0};
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 || conv_parse(&conv, op->conv_id, reply->element[0])) {
+        op->cb.events(op->arg, STORE_EUNAVAILABLE, NULL, NULL, 0);
+        free(conv.turn);
+        return;
+    }
+    if (reply->element[0]->elements == 0) {
+        op->cb.events(op->arg, STORE_ENOTFOUND, NULL, NULL, 0);
+        free(conv.turn);
+        return;
+    }
+    const redisReply *xr = reply->element[1];
+    size_t n = xr->type == REDIS_REPLY_ARRAY ? xr->elements : 0;
+    struct turn_event *evs = xcalloc(n ? n : 1, sizeof *evs);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *e = xr->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
+            continue;
+        const char *dash = strchr(e->element[0]->str, '-');
+        struct turn_event *te = &evs[k];
+        te->seq = dash ? strtol(dash + 1, NULL, 10) : 0;
+        te->text = "";
+        const redisReply *f = e->element[1];
+        for (size_t j = 0; f->type == REDIS_REPLY_ARRAY && j + 1 < f->elements; j += 2) {
+            const redisReply *fk = f->element[j], *fv = f->element[j + 1];
+            if (fk->type != REDIS_REPLY_STRING || fv->type != REDIS_REPLY_STRING)
+                continue;
+            if (strcmp(fk->str, "k") == 0)
+                te->kind = fv->str[0];
+            else if (strcmp(fk->str, "t") == 0) {
+                te->text = fv->str;
+                te->text_len = fv->len;
+            }
+        }
+        if (te->kind)
+            k++;
+    }
+    op->cb.events(op->arg, STORE_OK, &conv, evs, k);
+    free(evs);
+    free(conv.turn);
 }
 
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
@@ -434,10 +601,33 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     case OP_FINISH:
         if (reply->type != REDIS_REPLY_INTEGER)
             op->cb.done(op->arg, STORE_EUNAVAILABLE, false);
+        else if (reply->integer == -4)
+            op->cb.done(op->arg, STORE_ECONFLICT, false);
         else if (reply->integer < 0)
             op->cb.done(op->arg, STORE_ENOTFOUND, false);
         else
             op->cb.done(op->arg, STORE_OK, reply->integer == 1);
+        break;
+    case OP_RC:
+        if (reply->type != REDIS_REPLY_INTEGER)
+            op->cb.rc(op->arg, STORE_EUNAVAILABLE);
+        else
+            op->cb.rc(op->arg, reply->integer == -1   ? STORE_ENOTFOUND
+                               : reply->integer == -4 ? STORE_ECONFLICT
+                                                      : (int)reply->integer);
+        break;
+    case OP_EVENTS:
+        events_reply(op, reply);
+        break;
+    case OP_IDEM:
+        if (reply->type != REDIS_REPLY_ARRAY)
+            op->cb.idem(op->arg, STORE_EUNAVAILABLE, NULL);
+        else if (reply->elements == 0)
+            op->cb.idem(op->arg, STORE_OK, NULL);
+        else if (reply->element[0]->type == REDIS_REPLY_STRING)
+            op->cb.idem(op->arg, STORE_OK, reply->element[0]->str);
+        else
+            op->cb.idem(op->arg, STORE_OK, NULL); /* expired between SET and GET: claim again is not needed */
         break;
     default:
         break;
@@ -475,28 +665,75 @@ static struct op *op_new(enum op_kind kind, const char *conv_id, void *arg)
     char name[96];                                                                                                     \
     snprintf(name, sizeof name, KEY_PREFIX "%s", id)
 
+/* Formats the common numbers once per call. */
+struct nums {
+    char now[24], ttl[24], maxlen[24], evttl[24], turn[24];
+};
+
+static void nums_fill(struct nums *n, const struct store *st, long turn)
+{
+    snprintf(n->now, sizeof n->now, "%" PRId64, now_ms());
+    snprintf(n->ttl, sizeof n->ttl, "%ld", st->cfg->conversation_ttl_s);
+    snprintf(n->maxlen, sizeof n->maxlen, "%ld", st->cfg->stream_max_events);
+    snprintf(n->evttl, sizeof n->evttl, "%ld", st->cfg->stream_ttl_s);
+    snprintf(n->turn, sizeof n->turn, "%ld", turn);
+}
+
+/* Sends EVAL script with argv[0..argc) (lengths from strlen unless lens gives them) for op. */
+static void eval(struct store *st, struct op *op, const char *script, size_t script_len, int nkeys, int argc,
+                 const char **argv, const size_t *lens)
+{
+    const char *a[24];
+    size_t l[24];
+    char nk[8];
+    snprintf(nk, sizeof nk, "%d", nkeys);
+    a[0] = "EVAL";
+    l[0] = 4;
+    a[1] = script;
+    l[1] = script_len;
+    a[2] = nk;
+    l[2] = strlen(nk);
+    for (int i = 0; i < argc && i < 21; i++) {
+        a[3 + i] = argv[i];
+        l[3 + i] = lens && lens[i] != (size_t)-1 ? lens[i] : strlen(argv[i]);
+    }
+    op_send(st, op, 3 + argc, a, l);
+}
+
+#define NOLEN ((size_t)-1)
+#define EVAL(st, op, script, nkeys, argv, lens)                                                                        \
+    eval(st, op, script, sizeof script - 1, nkeys, (int)(sizeof argv / sizeof argv[0]), argv, lens)
+
 void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
-                  store_submit_cb *cb, void *arg)
+                  const struct turn_meta *meta, store_submit_cb *cb, void *arg)
 {
     KEYBUF(key, conv_id);
-    char now[24], ttl[24];
-    snprintf(now, sizeof now, "%" PRId64, now_ms());
-    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
-    const char *argv[] = {"EVAL", LUA_SUBMIT, "1", key, prompt, now, ttl, is_new ? "1" : "0"};
-    size_t lens[] = {4, sizeof LUA_SUBMIT - 1, 1, strlen(key), prompt_len, strlen(now), strlen(ttl), 1};
+    struct nums n;
+    nums_fill(&n, st, 0);
+    const char *argv[] = {key,
+                          prompt,
+                          n.now,
+                          n.ttl,
+                          is_new ? "1" : "0",
+                          meta && meta->req ? meta->req : "",
+                          meta && meta->input ? meta->input : "",
+                          meta && meta->stream ? "1" : "0",
+                          conv_id,
+                          n.maxlen,
+                          n.evttl};
+    size_t lens[] = {NOLEN, prompt_len, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN};
     struct op *op = op_new(OP_SUBMIT, conv_id, arg);
     op->cb.submit = cb;
-    op_send(st, op, 8, argv, lens);
+    EVAL(st, op, LUA_SUBMIT, 1, argv, lens);
 }
 
 void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
 {
     KEYBUF(key, conv_id);
-    char t[24];
-    snprintf(t, sizeof t, "%ld", turn);
-    const char *argv[] = {"EVAL", LUA_REJECT, "1", key, t, is_new ? "1" : "0"};
-    size_t lens[] = {4, sizeof LUA_REJECT - 1, 1, strlen(key), strlen(t), 1};
-    op_send(st, op_new(OP_REJECT, conv_id, NULL), 6, argv, lens);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn, is_new ? "1" : "0"};
+    EVAL(st, op_new(OP_REJECT, conv_id, NULL), LUA_REJECT, 1, argv, NULL);
 }
 
 void store_load(struct store *st, const char *conv_id, store_conv_cb *cb, void *arg)
@@ -513,17 +750,15 @@ void store_begin(struct store *st, const char *conv_id, long turn, const char *p
                  int32_t partition, int64_t offset, store_begin_cb *cb, void *arg)
 {
     KEYBUF(key, conv_id);
-    char t[24], now[24], ttl[24], src[64];
-    snprintf(t, sizeof t, "%ld", turn);
-    snprintf(now, sizeof now, "%" PRId64, now_ms());
-    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    char src[64];
     snprintf(src, sizeof src, "k.%" PRId32 ".%" PRId64, partition, offset);
-    const char *argv[] = {"EVAL", LUA_BEGIN, "1", key, t, prompt, now, ttl, src};
-    size_t lens[] = {4,          sizeof LUA_BEGIN - 1, 1,           strlen(key), strlen(t),
-                     prompt_len, strlen(now),          strlen(ttl), strlen(src)};
+    const char *argv[] = {key, n.turn, prompt, n.now, n.ttl, src, conv_id, n.maxlen, n.evttl};
+    size_t lens[] = {NOLEN, NOLEN, prompt_len, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN};
     struct op *op = op_new(OP_BEGIN, conv_id, arg);
     op->cb.begin = cb;
-    op_send(st, op, 9, argv, lens);
+    EVAL(st, op, LUA_BEGIN, 1, argv, lens);
 }
 
 static const char *nz(const char *s)
@@ -535,21 +770,16 @@ void store_finish(struct store *st, const char *conv_id, long turn, const struct
                   void *arg)
 {
     KEYBUF(key, conv_id);
-    char t[24], pt[24], ct[24], tt[24], now[24], att[24], ttl[24];
-    snprintf(t, sizeof t, "%ld", turn);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    char pt[24], ct[24], tt[24], att[24];
     snprintf(pt, sizeof pt, "%ld", res->prompt_tokens);
     snprintf(ct, sizeof ct, "%ld", res->completion_tokens);
     snprintf(tt, sizeof tt, "%ld", res->total_tokens);
-    snprintf(now, sizeof now, "%" PRId64, now_ms());
     snprintf(att, sizeof att, "%ld", res->attempts);
-    snprintf(ttl, sizeof ttl, "%ld", st->cfg->conversation_ttl_s);
-    const char *status = turn_status_name(res->status);
-    const char *argv[] = {"EVAL",
-                          LUA_FINISH,
-                          "1",
-                          key,
-                          t,
-                          status,
+    const char *argv[] = {key,
+                          n.turn,
+                          turn_status_name(res->status),
                           nz(res->response),
                           nz(res->model),
                           pt,
@@ -558,24 +788,100 @@ void store_finish(struct store *st, const char *conv_id, long turn, const struct
                           nz(res->finish_reason),
                           nz(res->error_code),
                           nz(res->error_message),
-                          now,
+                          n.now,
                           att,
-                          ttl};
+                          n.ttl,
+                          conv_id,
+                          n.maxlen,
+                          n.evttl};
     size_t lens[17];
     for (int i = 0; i < 17; i++)
-        lens[i] = strlen(argv[i]);
-    lens[6] = res->response ? res->response_len : 0;
+        lens[i] = NOLEN;
+    lens[3] = res->response ? res->response_len : 0;
     struct op *op = op_new(OP_FINISH, conv_id, arg);
     op->cb.done = cb;
-    op_send(st, op, 17, argv, lens);
+    EVAL(st, op, LUA_FINISH, 1, argv, lens);
 }
 
 void store_mark_published(struct store *st, const char *conv_id, long turn)
 {
     KEYBUF(key, conv_id);
-    char t[24];
-    snprintf(t, sizeof t, "%ld", turn);
-    const char *argv[] = {"EVAL", LUA_PUBLISHED, "1", key, t};
-    size_t lens[] = {4, sizeof LUA_PUBLISHED - 1, 1, strlen(key), strlen(t)};
-    op_send(st, op_new(OP_PUBLISHED, conv_id, NULL), 5, argv, lens);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn};
+    EVAL(st, op_new(OP_PUBLISHED, conv_id, NULL), LUA_PUBLISHED, 1, argv, NULL);
+}
+
+void store_cancel(struct store *st, const char *conv_id, long turn, store_rc_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn, n.now, conv_id, n.maxlen, n.evttl};
+    struct op *op = op_new(OP_RC, conv_id, arg);
+    op->cb.rc = cb;
+    EVAL(st, op, LUA_CANCEL, 1, argv, NULL);
+}
+
+void store_delete(struct store *st, const char *conv_id, long turn, store_rc_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn, n.now, conv_id};
+    struct op *op = op_new(OP_RC, conv_id, arg);
+    op->cb.rc = cb;
+    EVAL(st, op, LUA_DELETE, 1, argv, NULL);
+}
+
+void store_events_read(struct store *st, const char *conv_id, long turn, long after_seq, long max, store_events_cb *cb,
+                       void *arg)
+{
+    KEYBUF(key, conv_id);
+    char ekey[112], start[32], count[24];
+    snprintf(ekey, sizeof ekey, "asyncllm:ev:%s:%ld", conv_id, turn);
+    snprintf(start, sizeof start, "(0-%ld", after_seq > 0 ? after_seq : 0);
+    snprintf(count, sizeof count, "%ld", max);
+    const char *argv[] = {key, ekey, start, count};
+    struct op *op = op_new(OP_EVENTS, conv_id, arg);
+    op->turn = turn;
+    op->cb.events = cb;
+    EVAL(st, op, LUA_EVENTS, 2, argv, NULL);
+}
+
+void store_event(struct store *st, const char *conv_id, long turn, char kind, const char *text, size_t len)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    char k[2] = {kind, '\0'};
+    const char *argv[] = {key, n.turn, k, text ? text : "", conv_id, n.maxlen, n.evttl};
+    size_t lens[] = {NOLEN, NOLEN, NOLEN, text ? len : 0, NOLEN, NOLEN, NOLEN};
+    EVAL(st, op_new(OP_EVENT, conv_id, NULL), LUA_EVENT, 1, argv, lens);
+}
+
+void store_idem_claim(struct store *st, const char *key, long ttl_s, store_idem_cb *cb, void *arg)
+{
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%ld", ttl_s);
+    const char *argv[] = {key, ttl};
+    struct op *op = op_new(OP_IDEM, "", arg);
+    op->cb.idem = cb;
+    EVAL(st, op, LUA_IDEM, 1, argv, NULL);
+}
+
+void store_idem_set(struct store *st, const char *key, const char *value, long ttl_s)
+{
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%ld", ttl_s);
+    struct op *op = op_new(OP_IDEM_SET, "", NULL);
+    if (value) {
+        const char *argv[] = {"SET", key, value, "EX", ttl};
+        size_t lens[] = {3, strlen(key), strlen(value), 2, strlen(ttl)};
+        op_send(st, op, 5, argv, lens);
+    } else {
+        const char *argv[] = {"DEL", key};
+        size_t lens[] = {3, strlen(key)};
+        op_send(st, op, 2, argv, lens);
+    }
 }

@@ -27,6 +27,8 @@
 #include "kafka/kafka.h"
 #include "llm/chat.h"
 #include "llm/llm.h"
+#include "llm/sse.h"
+#include "store/notify.h"
 #include "store/store.h"
 
 #include <event2/buffer.h>
@@ -70,6 +72,14 @@ struct job {
     long turn;
     char *orig_value; /* the message as consumed, for the dead-letter topic */
     size_t orig_len;
+    json_t *msg;      /* the message parsed (its optional fields: input, instructions, model, ...) */
+    bool stream;      /* stream the LLM's answer into the turn's event stream */
+    bool cancelled;   /* a client cancelled the turn while it ran */
+    bool stream_done; /* streaming: the closing [DONE] arrived */
+    bool stream_failed;
+    char run_key[96];   /* "<conversation> <turn>" in w->running while the turn runs, else "" */
+    struct sse sse;     /* streaming: the parser of the LLM's answer */
+    struct buf delta;   /* streaming: text received in the current network read, appended as one event */
     int attempts;       /* LLM calls made */
     int store_failures; /* consecutive Redis/Kafka failures, for their backoff */
     int64_t taken_ms;   /* monotonic time the worker took the job */
@@ -106,6 +116,8 @@ struct worker {
     struct store *st;
     struct llm *llm;
     struct map *keys;
+    struct map *running; /* "<conversation> <turn>" -> job, for cancellation */
+    struct notify *notify;
     struct part **parts; /* indexed by partition number */
     int nparts;
     rd_kafka_topic_partition_list_t *assignment;
@@ -124,7 +136,7 @@ struct worker {
     void *drained_arg;
     struct evhttp *metrics;
     /* counters for /metrics */
-    unsigned long completed, failed, retried, llm_calls, dead_lettered, redelivered_done;
+    unsigned long completed, failed, retried, llm_calls, dead_lettered, redelivered_done, cancelled;
     struct hist llm_latency;
 };
 
@@ -146,9 +158,18 @@ static void job_inactive(struct job *job)
 
 /* ---------------------------------------------------------------- job memory */
 
+static void job_unrun(struct job *job)
+{
+    if (job->run_key[0]) {
+        map_del(job->w->running, job->run_key);
+        job->run_key[0] = '\0';
+    }
+}
+
 static void job_free(struct job *job)
 {
     struct worker *w = job->w;
+    job_unrun(job);
     if (job->all_prev)
         job->all_prev->all_next = job->all_next;
     else
@@ -164,6 +185,9 @@ static void job_free(struct job *job)
     free(job->orig_value);
     free(job->req_body);
     chat_result_free(&job->res);
+    json_decref(job->msg);
+    sse_free(&job->sse);
+    buf_free(&job->delta);
     free(job);
 }
 
@@ -175,6 +199,10 @@ static void job_shrink(struct job *job)
     free(job->req_body);
     job->prompt = job->orig_value = job->req_body = NULL;
     chat_result_free(&job->res);
+    json_decref(job->msg);
+    job->msg = NULL;
+    sse_free(&job->sse);
+    buf_free(&job->delta);
 }
 
 /* ---------------------------------------------------------------- partitions and offsets */
@@ -481,8 +509,9 @@ static void finish_cb(void *arg, int rc, bool stored)
         return;
     }
     job->store_failures = 0;
-    if (rc == STORE_ENOTFOUND) {
-        log_info("conversation %s was deleted before turn %ld finished; not published", job->conv_id, job->turn);
+    if (rc == STORE_ENOTFOUND || rc == STORE_ECONFLICT) {
+        log_info("conversation %s turn %ld was %s before it finished; not published", job->conv_id, job->turn,
+                 rc == STORE_ENOTFOUND ? "deleted or expired" : "cancelled or deleted");
         job_done(job);
         return;
     }
@@ -544,7 +573,17 @@ static void call_cb(void *arg, const struct llm_response *r)
     hist_observe(&w->llm_latency, (double)r->elapsed_ms / 1000.0);
     char msg[512], detail[300];
     const char *code = NULL;
-    if (r->http_status == 200) {
+    if (job->stream && (job->stream_failed || (r->http_status == 200 && !job->stream_done &&
+                                               !(job->res.finish_reason && job->res.finish_reason[0])))) {
+        code = "llm_bad_response";
+        snprintf(msg, sizeof msg, "%s",
+                 job->stream_failed ? job->err_msg : "the LLM's stream ended before its last chunk");
+    } else if (job->stream && r->http_status == 200) {
+        job_drop_slot(job);
+        job->outcome = TURN_COMPLETE;
+        job_finish(job);
+        return;
+    } else if (r->http_status == 200) {
         if (chat_parse_response(r->body, r->body_len, &job->res, msg, sizeof msg) == 0) {
             job_drop_slot(job);
             job->outcome = TURN_COMPLETE;
@@ -591,12 +630,68 @@ static void call_cb(void *arg, const struct llm_response *r)
     job_backoff(job, STEP_CALL, delay);
 }
 
+/* Streaming: one SSE event of the LLM's answer. */
+static int stream_event_cb(void *arg, const char *data, size_t len)
+{
+    struct job *job = arg;
+    const char *d;
+    size_t dl;
+    int rc = chat_stream_chunk(&job->res, data, len, &d, &dl, job->err_msg, sizeof job->err_msg);
+    if (rc < 0) {
+        job->stream_failed = true;
+        return -1;
+    }
+    if (rc == 1)
+        job->stream_done = true;
+    if (dl && buf_append(&job->delta, d, dl)) {
+        snprintf(job->err_msg, sizeof job->err_msg, "the LLM's answer is larger than llm-max-response-bytes");
+        job->stream_failed = true;
+        return -1;
+    }
+    return 0;
+}
+
+/* Streaming: bytes of the LLM's answer; the text of one network read becomes one delta event. */
+static int stream_data_cb(void *arg, const char *data, size_t len)
+{
+    struct job *job = arg;
+    if (sse_feed(&job->sse, data, len)) {
+        if (!job->stream_failed) {
+            snprintf(job->err_msg, sizeof job->err_msg, "the LLM's stream has a line or event over the size limit");
+            job->stream_failed = true;
+        }
+        return -1;
+    }
+    if (job->res.content_len > (size_t)job->w->cfg->llm_max_response_bytes) {
+        snprintf(job->err_msg, sizeof job->err_msg, "the LLM's answer is larger than llm-max-response-bytes");
+        job->stream_failed = true;
+        return -1;
+    }
+    if (job->delta.len) {
+        store_event(job->w->st, job->conv_id, job->turn, 'd', job->delta.data, job->delta.len);
+        buf_reset(&job->delta);
+    }
+    return 0;
+}
+
 static void job_call(struct job *job)
 {
+    struct worker *w = job->w;
     job->state = J_CALL;
     job->attempts++;
-    job->w->llm_calls++;
-    job->call = llm_post(job->w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, call_cb, job);
+    w->llm_calls++;
+    chat_result_free(&job->res); /* a retry starts over */
+    if (!job->stream) {
+        job->call = llm_post(w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, call_cb, job);
+        return;
+    }
+    job->stream_done = job->stream_failed = false;
+    sse_free(&job->sse);
+    buf_free(&job->delta);
+    sse_init(&job->sse, (size_t)w->cfg->llm_max_response_bytes, stream_event_cb, job);
+    buf_init(&job->delta, (size_t)w->cfg->llm_max_response_bytes);
+    job->call = llm_post_stream(w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, stream_data_cb,
+                                call_cb, job);
 }
 
 /* ---------------------------------------------------------------- beginning */
@@ -615,6 +710,88 @@ static void job_take_stored(struct job *job, const struct turn *t)
     job->attempts = (int)t->attempts;
     snprintf(job->err_code, sizeof job->err_code, "%s", t->error_code ? t->error_code : "");
     snprintf(job->err_msg, sizeof job->err_msg, "%s", t->error_message ? t->error_message : "");
+}
+
+/* Chat messages from a turn's stored input list ([{role, content}], normalised by the API), appended to msgs. */
+static void add_input_msgs(struct chat_msg **msgs, size_t *n, size_t *cap, json_t *input)
+{
+    size_t i;
+    json_t *m;
+    json_array_foreach(input, i, m)
+    {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        json_t *c = json_object_get(m, "content");
+        if (!role || !json_is_string(c))
+            continue;
+        if (*n == *cap) {
+            *cap *= 2;
+            *msgs = xrealloc(*msgs, *cap * sizeof **msgs);
+        }
+        (*msgs)[(*n)++] = (struct chat_msg){role, json_string_value(c), json_string_length(c)};
+    }
+}
+
+static void add_msg(struct chat_msg **msgs, size_t *n, size_t *cap, const char *role, const char *s, size_t len)
+{
+    if (*n == *cap) {
+        *cap *= 2;
+        *msgs = xrealloc(*msgs, *cap * sizeof **msgs);
+    }
+    (*msgs)[(*n)++] = (struct chat_msg){role, s ? s : "", s ? len : 0};
+}
+
+/* The request for this turn: the system instructions of this request, the earlier complete turns of the
+ * conversation (up to context_turn when the request continued an older response), then this turn's input. */
+static void job_build_request(struct job *job, const struct conv *conv)
+{
+    struct worker *w = job->w;
+    json_t *m = job->msg;
+    size_t n = 0, cap = 16;
+    struct chat_msg *msgs = xcalloc(cap, sizeof *msgs);
+    json_t *held[64]; /* parsed inputs of earlier turns, alive until the body is built */
+    size_t nheld = 0;
+    json_t *instr = json_object_get(m, "instructions");
+    if (json_is_string(instr) && json_string_length(instr) > 0)
+        add_msg(&msgs, &n, &cap, "system", json_string_value(instr), json_string_length(instr));
+    long last = job->turn - 1;
+    json_t *ctx = json_object_get(m, "context_turn");
+    if (json_is_integer(ctx) && json_integer_value(ctx) >= 0 && json_integer_value(ctx) < last)
+        last = (long)json_integer_value(ctx);
+    for (long i = 1; i <= last; i++) {
+        const struct turn *p = &conv->turn[i];
+        if (p->status != TURN_COMPLETE || !p->prompt)
+            continue;
+        json_t *in = p->input && nheld < 64 ? json_loads(p->input, 0, NULL) : NULL;
+        if (json_is_array(in)) {
+            held[nheld++] = in;
+            add_input_msgs(&msgs, &n, &cap, in);
+        } else {
+            json_decref(in);
+            add_msg(&msgs, &n, &cap, "user", p->prompt, p->prompt_len);
+        }
+        add_msg(&msgs, &n, &cap, "assistant", p->response, p->response_len);
+    }
+    json_t *input = json_object_get(m, "input");
+    if (json_is_array(input) && json_array_size(input) > 0)
+        add_input_msgs(&msgs, &n, &cap, input);
+    else
+        add_msg(&msgs, &n, &cap, "user", job->prompt, job->prompt_len);
+
+    struct chat_opts o = {.max_tokens = w->cfg->llm_max_tokens, .temperature = -1, .top_p = -1};
+    json_t *v;
+    if (json_is_integer(v = json_object_get(m, "max_output_tokens")) && json_integer_value(v) > 0)
+        o.max_tokens = (long)json_integer_value(v);
+    if (json_is_number(v = json_object_get(m, "temperature")))
+        o.temperature = json_number_value(v);
+    if (json_is_number(v = json_object_get(m, "top_p")))
+        o.top_p = json_number_value(v);
+    o.stream = job->stream;
+    const char *model = json_string_value(json_object_get(m, "model"));
+    free(job->req_body);
+    job->req_body = chat_request_new_opts(model && model[0] ? model : w->cfg->llm_model, &o, msgs, n, &job->req_len);
+    for (size_t i = 0; i < nheld; i++)
+        json_decref(held[i]);
+    free(msgs);
 }
 
 static void begin_cb(void *arg, int rc, long turn, const struct conv *conv)
@@ -650,19 +827,17 @@ static void begin_cb(void *arg, int rc, long turn, const struct conv *conv)
         }
         return;
     }
-    /* The earlier finished turns of this conversation, then this prompt. */
-    struct chat_msg *msgs = xcalloc((size_t)turn * 2 + 1, sizeof *msgs);
-    size_t n = 0;
-    for (long i = 1; i < turn; i++) {
-        const struct turn *p = &conv->turn[i];
-        if (p->status != TURN_COMPLETE || !p->prompt)
-            continue;
-        msgs[n++] = (struct chat_msg){"user", p->prompt, p->prompt_len};
-        msgs[n++] = (struct chat_msg){"assistant", p->response ? p->response : "", p->response ? p->response_len : 0};
+    if (t->status == TURN_CANCELLED || t->status == TURN_DELETED) {
+        log_info("conversation %s turn %ld was %s before it ran; skipped", job->conv_id, turn,
+                 turn_status_name(t->status));
+        job_done(job);
+        return;
     }
-    msgs[n++] = (struct chat_msg){"user", job->prompt, job->prompt_len};
-    job->req_body = chat_request_new(w->cfg->llm_model, w->cfg->llm_max_tokens, msgs, n, &job->req_len);
-    free(msgs);
+    job->stream = t->stream;
+    snprintf(job->run_key, sizeof job->run_key, "%s %ld", job->conv_id, turn);
+    if (map_put(w->running, job->run_key, job)) /* the same turn twice at once: keep the newest */
+        log_warn("conversation %s turn %ld is running twice", job->conv_id, turn);
+    job_build_request(job, conv);
     job_call(job);
 }
 
@@ -715,6 +890,7 @@ static void job_done(struct job *job)
     job_drop_slot(job);
     job->state = J_DONE;
     job_inactive(job);
+    job_unrun(job);
     job_shrink(job);
     struct keyq *kq = job->kq;
     if (kq) {
@@ -782,6 +958,8 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
         job->prompt_len = json_string_length(prompt);
         job->turn = json_is_integer(turn) && json_integer_value(turn) > 0 ? (long)json_integer_value(turn) : 0;
     }
+    if (!job->invalid)
+        job->msg = json_incref(v);
     json_decref(v);
     rd_kafka_message_destroy(m);
 
@@ -979,6 +1157,36 @@ static bool on_revoke(void *ctx, const rd_kafka_topic_partition_list_t *parts, b
     return true;
 }
 
+/* ---------------------------------------------------------------- cancellation */
+
+/* A client cancelled (or deleted) a turn: abort it if it runs here. The store already says cancelled, so the
+ * result is neither stored nor published. A job waiting on Redis or Kafka finds out from the store's answer. */
+static void on_notify(void *arg, const char *conv_id, long turn, const char *what)
+{
+    struct worker *w = arg;
+    if (strcmp(what, "cancel") != 0)
+        return;
+    char key[96];
+    snprintf(key, sizeof key, "%s %ld", conv_id, turn);
+    struct job *job = map_get(w->running, key);
+    if (!job)
+        return;
+    job->cancelled = true;
+    if (job->state != J_CALL && job->state != J_BACKOFF && job->state != J_READY)
+        return;
+    log_info("conversation %s turn %ld cancelled by a client: aborting its LLM call", conv_id, turn);
+    if (job->call) {
+        llm_cancel(job->call);
+        job->call = NULL;
+    }
+    if (job->state == J_READY)
+        ready_remove(w, job);
+    if (job->timer)
+        evtimer_del(job->timer);
+    w->cancelled++;
+    job_done(job);
+}
+
 /* ---------------------------------------------------------------- metrics */
 
 static void metrics_cb(struct evhttp_request *req, void *arg)
@@ -1004,6 +1212,8 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
     metric_counter(out, "asyncllm_worker_failed_total", "turns stored as failed", (double)w->failed);
     metric_counter(out, "asyncllm_worker_retried_total", "LLM calls retried", (double)w->retried);
     metric_counter(out, "asyncllm_worker_llm_calls_total", "LLM calls made", (double)w->llm_calls);
+    metric_counter(out, "asyncllm_worker_cancelled_total", "turns aborted because a client cancelled them",
+                   (double)w->cancelled);
     metric_counter(out, "asyncllm_worker_dead_lettered_total", "prompts sent to the dead-letter topic",
                    (double)w->dead_lettered);
     metric_counter(out, "asyncllm_worker_redelivered_finished_total",
@@ -1099,6 +1309,9 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     kafka_producer_warm(w->kp, cfg->topic_dlq);
     w->st = store_new(base, cfg);
     w->llm = llm_new(base, cfg);
+    w->running = map_new();
+    static const struct notify_hooks nhooks = {on_notify, NULL};
+    w->notify = notify_new(base, cfg, &nhooks, w);
     static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
     w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, &hooks, w, err, errlen);
     if (!w->kc)
@@ -1121,6 +1334,8 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
              cfg->llm_base_url, cfg->llm_model, cfg->max_in_flight);
     return w;
 fail:
+    notify_free(w->notify);
+    map_free(w->running);
     kafka_consumer_free(w->kc);
     llm_free(w->llm);
     store_free(w->st);
@@ -1136,6 +1351,8 @@ void worker_free(struct worker *w)
         return;
     if (w->metrics)
         evhttp_free(w->metrics);
+    notify_free(w->notify);
+    w->notify = NULL;
     if (w->revoking) {
         revoke_finish(w);
         kafka_consumer_revoke_done(w->kc);
@@ -1156,6 +1373,7 @@ void worker_free(struct worker *w)
     }
     free(w->parts);
     map_free(w->keys);
+    map_free(w->running);
     if (w->assignment)
         rd_kafka_topic_partition_list_destroy(w->assignment);
     if (w->commit_timer)

@@ -1,0 +1,108 @@
+/* api_internal.h - what the API's source files (api.c, submit.c, watch.c, responses.c) share. Not a public
+ * header: other modules use api.h. */
+#ifndef ASYNCLLM_API_INTERNAL_H
+#define ASYNCLLM_API_INTERNAL_H
+
+#include "http/api.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct evhttp;
+struct evhttp_request;
+struct evhttp_bound_socket;
+struct event;
+struct kafka_producer;
+struct store;
+struct notify;
+struct map;
+struct conv;
+struct turn;
+struct turn_meta;
+struct watch;
+
+struct api {
+    struct event_base *base;
+    const struct config *cfg;
+    struct evhttp *http;
+    struct evhttp_bound_socket *listener; /* NULL once we stopped listening */
+    struct kafka_producer *kp;
+    struct store *st; /* NULL during shutdown, once closed */
+    struct notify *notify;
+    struct map *watches;       /* conversation id -> struct watch_list (watch.c) */
+    struct watch *watch_all;   /* every watcher, for waking or closing them all */
+    struct event *watch_timer; /* re-checks every watcher now and then (pub/sub may lose a message) */
+    int port;
+    int waiting;   /* submits whose request is not answered yet */
+    bool stopping; /* no new long waits */
+};
+
+/* ---- helpers (api.c) */
+
+/* 503 with Retry-After. */
+void api_reply_unavailable(struct api *api, struct evhttp_request *req, const char *what);
+/* 400 and false if prompt is not valid UTF-8 or blank. what names the field in the message. */
+bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *prompt, size_t len);
+/* 404 and false if id cannot name a conversation. */
+bool api_conv_id_ok(struct evhttp_request *req, const char *id);
+/* The seed's /polling object for a conversation. */
+json_t *api_conv_view(const struct conv *conv);
+/* Writes "<public-url>/polling?conversationId=<id>" into out. */
+void api_polling_url(const struct api *api, const char *conv_id, char *out, size_t len);
+
+/* ---- submitting a prompt (submit.c) */
+
+/* What a route wants done once the prompt is durably in Kafka (or, with an idempotency key seen before, once
+ * the earlier submit is found). */
+enum submit_mode {
+    SUBMIT_ANSWER,     /* 202 with the seed's body */
+    SUBMIT_BACKGROUND, /* 200 with the queued Response object */
+    SUBMIT_STREAM,     /* Server-Sent Events from the start */
+    SUBMIT_SYNC,       /* wait for the result (bounded), then the Response object */
+};
+
+struct submit_params {
+    const char *prompt; /* the text of the last user message: the seed's `prompt` */
+    size_t prompt_len;
+    const char *conv_id;          /* NULL: a new conversation */
+    const struct turn_meta *meta; /* stored with the turn; NULL for none */
+    json_t *extra;                /* more fields for the Kafka message (borrowed), or NULL */
+    const char *idem_key;         /* the Idempotency-Key header, or NULL */
+    enum submit_mode mode;
+};
+
+/* Validated input only: starts the submit; the request is answered in every case. */
+void submit_start(struct api *api, struct evhttp_request *req, const struct submit_params *p);
+
+/* ---- waiting for changes (watch.c) */
+
+void watch_init(struct api *api);
+/* Answers every waiting request (long polls and syncs: their current state; streams: ended). */
+void watch_close_all(struct api *api);
+void watch_free(struct api *api);
+/* Long poll: answers /polling for conv_id when its status changes or after wait_s seconds. */
+void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id, long wait_s);
+/* Sync: answers the Response object of (conv_id, turn) once final, or as it is after sync-timeout-s. */
+void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id, long turn);
+/* Stream: answers with Server-Sent Events of (conv_id, turn) after sequence number starting_after (-1: all). */
+void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_id, long turn, long starting_after);
+
+/* ---- the OpenAI-compatible API (responses.c) */
+
+/* Handles /v1/... routes; returns false if path is not one of them. */
+bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
+/* The Response object of a turn (t must exist). */
+json_t *response_object(const struct api *api, const char *conv_id, long turn, const struct turn *t);
+/* "resp_<conversation>_<turn>" */
+void response_id(char *out, size_t len, const char *conv_id, long turn);
+/* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose
+ * sequence number is above starting_after to out. *next_seq counts events; returns true after the last one. */
+struct turn_event;
+struct evbuffer;
+bool responses_sse(const struct api *api, const char *conv_id, long turn, const struct turn *t,
+                   const struct turn_event *events, size_t n, long starting_after, long *next_seq,
+                   struct evbuffer *out);
+
+#endif
