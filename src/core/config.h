@@ -19,6 +19,10 @@ struct config {
     const char *topic_prompts;
     const char *topic_responses;
     const char *topic_dlq;
+    const char *topic_webhook_dlq;
+    const char *topic_moderation;
+    const char *topic_postprocessed;
+    const char *topic_postprocess_dlq;
     long partitions;
     long replication;
     long produce_timeout_ms;
@@ -62,6 +66,16 @@ struct config {
     long revoke_grace_ms;
     const char *metrics_addr;
     long metrics_port;
+    /* webhooks */
+    const char *webhook_urls;
+    const char *webhook_secret;
+    const char *webhook_group_id;
+    long webhook_max_attempts;
+    long webhook_retry_base_ms;
+    long webhook_retry_max_ms;
+    long webhook_timeout_ms;
+    long webhook_max_in_flight;
+    long webhook_allow_private;
     /* `-X key=value` pass-through to librdkafka, applied to every Kafka client after our own settings. */
     const char *kafka_props[CONFIG_MAX_KAFKA_PROPS][2];
     int kafka_nprops;

@@ -7,6 +7,7 @@
 #include "core/log.h"
 #include "http/api.h"
 #include "kafka/kafka.h"
+#include "party/webhooks.h"
 #include "worker/worker.h"
 
 #include <event2/event.h>
@@ -29,6 +30,8 @@ static const char usage[] =
     "  api       the HTTP API: POST/GET /answer queue a prompt (202), GET /polling reads the result\n"
     "  worker    consume prompts, call the LLM (many at once, in order per conversation), store and publish\n"
     "  all       api and worker in one process (two threads)\n"
+    "  webhooks  deliver signed events (Standard Webhooks) for finished responses to callback_url and\n"
+    "            --webhook-urls, with retries and a dead-letter topic\n"
     "  topics    create the Kafka topics if missing, then exit\n"
     "  config    print the settings as a Markdown table\n"
     "  version   print the version\n"
@@ -116,6 +119,13 @@ static void api_role_free(struct api_role *r)
         event_free(r->stop_ev);
 }
 
+static void ensure_topics(void)
+{
+    char err[512];
+    if (kafka_ensure_topics(&cfg, 15000, err, sizeof err))
+        log_warn("kafka: could not check or create topics (%s); continuing, topics may be created later", err);
+}
+
 /* ---------------------------------------------------------------- signals */
 
 struct main_ctx {
@@ -123,6 +133,9 @@ struct main_ctx {
     struct worker *worker;
     struct api_role *api;     /* the API on this thread (`api`) */
     struct api_role *api_thr; /* the API on the other thread (`all`) */
+    /* an interested party (webhooks, ...): its drain function and object */
+    void (*party_drain)(void *obj, void (*on_drained)(void *), void *arg);
+    void *party;
     int signals;
 };
 
@@ -147,6 +160,44 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg)
         api_begin_stop(m->api);
     if (m->worker)
         worker_drain(m->worker, drained_cb, m);
+    if (m->party)
+        m->party_drain(m->party, drained_cb, m);
+    if (!m->worker && !m->party && !m->api)
+        event_base_loopbreak(m->base);
+}
+
+static void webhooks_drain_fn(void *obj, void (*on_drained)(void *), void *arg)
+{
+    webhooks_drain(obj, on_drained, arg);
+}
+
+/* A role that is one interested party on its own loop. */
+static int run_party(const char *role)
+{
+    char err[512];
+    log_set_role(role);
+    ensure_topics();
+    struct main_ctx m = {0};
+    m.base = event_base_new();
+    struct webhooks *wh = webhooks_new(m.base, &cfg, err, sizeof err);
+    if (!wh) {
+        log_error("%s: %s", role, err);
+        event_base_free(m.base);
+        return 2;
+    }
+    m.party = wh;
+    m.party_drain = webhooks_drain_fn;
+    struct event *sigint = evsignal_new(m.base, SIGINT, signal_cb, &m);
+    struct event *sigterm = evsignal_new(m.base, SIGTERM, signal_cb, &m);
+    event_add(sigint, NULL);
+    event_add(sigterm, NULL);
+    event_base_dispatch(m.base);
+    event_free(sigint);
+    event_free(sigterm);
+    webhooks_free(wh);
+    event_base_free(m.base);
+    log_info("stopped");
+    return 0;
 }
 
 static void *api_thread_main(void *arg)
@@ -157,13 +208,6 @@ static void *api_thread_main(void *arg)
 }
 
 /* ---------------------------------------------------------------- main */
-
-static void ensure_topics(void)
-{
-    char err[512];
-    if (kafka_ensure_topics(&cfg, 15000, err, sizeof err))
-        log_warn("kafka: could not check or create topics (%s); continuing, topics may be created later", err);
-}
 
 static int run(const char *role)
 {
@@ -299,6 +343,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "api") == 0 || strcmp(cmd, "worker") == 0 || strcmp(cmd, "all") == 0)
         return run(cmd);
+    if (strcmp(cmd, "webhooks") == 0)
+        return run_party(cmd);
     fprintf(stderr, "asyncllm: unknown command '%s' (see asyncllm --help)\n", cmd);
     return 2;
 }

@@ -56,6 +56,17 @@ bool api_conv_id_ok(struct evhttp_request *req, const char *id)
     return false;
 }
 
+bool api_callback_ok(struct evhttp_request *req, const char *url)
+{
+    size_t n = strlen(url);
+    if (n <= 2048 && utf8_valid(url, n) && (strncmp(url, "http://", 7) == 0 || strncmp(url, "https://", 8) == 0) &&
+        !strpbrk(url, " \t\r\n"))
+        return true;
+    http_reply_error(req, 400, "invalid_request_error", "invalid_callback_url",
+                     "'callback_url' must be an http:// or https:// URL of at most 2048 bytes");
+    return false;
+}
+
 static const char *idem_key(struct evhttp_request *req)
 {
     return evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
@@ -63,11 +74,26 @@ static const char *idem_key(struct evhttp_request *req)
 
 /* ---------------------------------------------------------------- /answer */
 
-static void answer_submit(struct api *api, struct evhttp_request *req, const char *prompt, size_t len, const char *conv)
+static void answer_submit(struct api *api, struct evhttp_request *req, const char *prompt, size_t len, const char *conv,
+                          const char *callback)
 {
-    struct submit_params p = {
-        .prompt = prompt, .prompt_len = len, .conv_id = conv, .idem_key = idem_key(req), .mode = SUBMIT_ANSWER};
+    json_t *extra = NULL;
+    char *req_json = NULL;
+    if (callback) {
+        extra = json_pack("{s:s}", "callback_url", callback);
+        req_json = json_dumps(extra, JSON_COMPACT);
+    }
+    struct turn_meta meta = {req_json, NULL, false};
+    struct submit_params p = {.prompt = prompt,
+                              .prompt_len = len,
+                              .conv_id = conv,
+                              .meta = callback ? &meta : NULL,
+                              .extra = extra,
+                              .idem_key = idem_key(req),
+                              .mode = SUBMIT_ANSWER};
     submit_start(api, req, &p);
+    json_decref(extra);
+    free(req_json);
 }
 
 static void handle_answer_get(struct api *api, struct evhttp_request *req)
@@ -76,13 +102,16 @@ static void handle_answer_get(struct api *api, struct evhttp_request *req)
     char *conv = http_query(req, "conversationId");
     if (!conv)
         conv = http_query(req, "conversation_id");
+    char *cb = http_query(req, "callback_url");
     if (!prompt)
         http_reply_error(req, 400, "invalid_request_error", "missing_prompt",
                          "missing query parameter 'prompt' (GET /answer?prompt=...)");
-    else if (api_prompt_ok(req, "prompt", prompt, strlen(prompt)) && (!conv || api_conv_id_ok(req, conv)))
-        answer_submit(api, req, prompt, strlen(prompt), conv);
+    else if (api_prompt_ok(req, "prompt", prompt, strlen(prompt)) && (!conv || api_conv_id_ok(req, conv)) &&
+             (!cb || api_callback_ok(req, cb)))
+        answer_submit(api, req, prompt, strlen(prompt), conv, cb);
     free(prompt);
     free(conv);
+    free(cb);
 }
 
 static void handle_answer_post(struct api *api, struct evhttp_request *req)
@@ -116,6 +145,7 @@ static void handle_answer_post(struct api *api, struct evhttp_request *req)
     if (!c)
         c = json_object_get(root, "conversationId");
     char *qconv = c ? NULL : http_query(req, "conversationId");
+    json_t *cb = json_object_get(root, "callback_url");
     if (!json_is_object(root))
         http_reply_error(req, 400, "invalid_request_error", "invalid_json", "the request body must be a JSON object");
     else if (!p || json_is_null(p))
@@ -125,11 +155,14 @@ static void handle_answer_post(struct api *api, struct evhttp_request *req)
     else if (c && !json_is_null(c) && !json_is_string(c))
         http_reply_error(req, 400, "invalid_request_error", "invalid_conversation_id",
                          "'conversation_id' must be a string");
+    else if (cb && !json_is_null(cb) && !json_is_string(cb))
+        http_reply_error(req, 400, "invalid_request_error", "invalid_callback_url", "'callback_url' must be a string");
     else {
         const char *conv = json_is_string(c) ? json_string_value(c) : qconv;
+        const char *cbs = json_string_value(cb);
         if (api_prompt_ok(req, "prompt", json_string_value(p), json_string_length(p)) &&
-            (!conv || api_conv_id_ok(req, conv)))
-            answer_submit(api, req, json_string_value(p), json_string_length(p), conv);
+            (!conv || api_conv_id_ok(req, conv)) && (!cbs || api_callback_ok(req, cbs)))
+            answer_submit(api, req, json_string_value(p), json_string_length(p), conv, cbs);
     }
     free(qconv);
     json_decref(root);

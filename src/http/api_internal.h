@@ -45,6 +45,8 @@ struct api {
 void api_reply_unavailable(struct api *api, struct evhttp_request *req, const char *what);
 /* 400 and false if prompt is not valid UTF-8 or blank. what names the field in the message. */
 bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *prompt, size_t len);
+/* 400 and false if url is not an http(s) URL of at most 2048 bytes. */
+bool api_callback_ok(struct evhttp_request *req, const char *url);
 /* 404 and false if id cannot name a conversation. */
 bool api_conv_id_ok(struct evhttp_request *req, const char *id);
 /* The seed's /polling object for a conversation. */
@@ -94,14 +96,14 @@ void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_
 /* Handles /v1/... routes; returns false if path is not one of them. */
 bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
 /* The Response object of a turn (t must exist). */
-json_t *response_object(const struct api *api, const char *conv_id, long turn, const struct turn *t);
+json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);
 /* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose
  * sequence number is above starting_after to out. *next_seq counts events; returns true after the last one. */
 struct turn_event;
 struct evbuffer;
-bool responses_sse(const struct api *api, const char *conv_id, long turn, const struct turn *t,
+bool responses_sse(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                    const struct turn_event *events, size_t n, long starting_after, long *next_seq,
                    struct evbuffer *out);
 

@@ -21,6 +21,7 @@
 #include "core/log.h"
 #include "core/util.h"
 #include "http/http.h"
+#include "kafka/kafka.h"
 #include "store/store.h"
 
 #include <event2/buffer.h>
@@ -98,9 +99,10 @@ static json_t *req_field(json_t *req, const char *name)
     return v ? json_incref(v) : json_null();
 }
 
-static json_t *response_object_at(const struct api *api, const char *conv_id, long turn, const struct turn *t,
+static json_t *response_object_at(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                                   enum stage stage)
 {
+    const char *conv_id = conv->id;
     char id[112];
     response_id(id, sizeof id, conv_id, turn);
     json_t *req = t->req ? json_loads(t->req, 0, NULL) : NULL;
@@ -146,6 +148,11 @@ static json_t *response_object_at(const struct api *api, const char *conv_id, lo
                         stage == STAGE_NOW && turn_status_final(t->status) && t->completed_at
                             ? json_integer(t->completed_at / 1000)
                             : json_null());
+    /* Results expire with their conversation: conversation-ttl-s after its last change. */
+    json_object_set_new(r, "expires_at",
+                        api->cfg->conversation_ttl_s > 0
+                            ? json_integer(conv->updated_at / 1000 + api->cfg->conversation_ttl_s)
+                            : json_null());
     json_object_set_new(r, "parallel_tool_calls", json_true());
     json_object_set_new(r, "tool_choice", json_string("auto"));
     json_object_set_new(r, "tools", json_array());
@@ -156,9 +163,9 @@ static json_t *response_object_at(const struct api *api, const char *conv_id, lo
     return r;
 }
 
-json_t *response_object(const struct api *api, const char *conv_id, long turn, const struct turn *t)
+json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t)
 {
-    return response_object_at(api, conv_id, turn, t, STAGE_NOW);
+    return response_object_at(api, conv, turn, t, STAGE_NOW);
 }
 
 /* ---------------------------------------------------------------- streaming events */
@@ -177,9 +184,10 @@ static void sse_emit(struct evbuffer *out, long *seq, long after, const char *ty
     json_decref(ev);
 }
 
-bool responses_sse(const struct api *api, const char *conv_id, long turn, const struct turn *t,
+bool responses_sse(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                    const struct turn_event *events, size_t n, long after, long *seq, struct evbuffer *out)
 {
+    const char *conv_id = conv->id;
     char item_id[112];
     snprintf(item_id, sizeof item_id, "msg_%s_%ld", conv_id, turn);
     for (size_t i = 0; i < n; i++) {
@@ -187,13 +195,13 @@ bool responses_sse(const struct api *api, const char *conv_id, long turn, const 
         switch (e->kind) {
         case 'q':
             sse_emit(out, seq, after, "response.created",
-                     json_pack("{s:o}", "response", response_object_at(api, conv_id, turn, t, STAGE_QUEUED)));
+                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_QUEUED)));
             sse_emit(out, seq, after, "response.queued",
-                     json_pack("{s:o}", "response", response_object_at(api, conv_id, turn, t, STAGE_QUEUED)));
+                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_QUEUED)));
             break;
         case 's':
             sse_emit(out, seq, after, "response.in_progress",
-                     json_pack("{s:o}", "response", response_object_at(api, conv_id, turn, t, STAGE_IN_PROGRESS)));
+                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_IN_PROGRESS)));
             sse_emit(out, seq, after, "response.output_item.added",
                      json_pack("{s:i, s:o}", "output_index", 0, "item", message_item(conv_id, turn, t, false)));
             sse_emit(out, seq, after, "response.content_part.added",
@@ -222,7 +230,7 @@ bool responses_sse(const struct api *api, const char *conv_id, long turn, const 
             char type[48];
             snprintf(type, sizeof type, "response.%s", status);
             sse_emit(out, seq, after, type,
-                     json_pack("{s:o}", "response", response_object_at(api, conv_id, turn, t, STAGE_NOW)));
+                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_NOW)));
             return true;
         }
         default:
@@ -364,6 +372,7 @@ static void handle_create(struct api *api, struct evhttp_request *req)
     long prev_turn = 0;
     const char *prev = json_string_value(json_object_get(root, "previous_response_id"));
     json_t *tools = json_object_get(root, "tools");
+    json_t *cb = json_object_get(root, "callback_url");
     if (!input) {
         bad(req, "input", "missing_required_parameter", "missing required parameter 'input'");
     } else if ((v = json_object_get(root, "model")) && !json_is_string(v) && !json_is_null(v)) {
@@ -384,6 +393,10 @@ static void handle_create(struct api *api, struct evhttp_request *req)
         bad(req, "background", "invalid_type", "'background' must be a boolean");
     } else if ((v = json_object_get(root, "stream")) && !json_is_boolean(v) && !json_is_null(v)) {
         bad(req, "stream", "invalid_type", "'stream' must be a boolean");
+    } else if (cb && !json_is_null(cb) && !json_is_string(cb)) {
+        bad(req, "callback_url", "invalid_type", "'callback_url' must be a string");
+    } else if (json_is_string(cb) && !api_callback_ok(req, json_string_value(cb))) {
+        /* answered */
     } else if (tools && !(json_is_array(tools) && json_array_size(tools) == 0) && !json_is_null(tools)) {
         bad(req, "tools", "unsupported_parameter", "tools are not supported by this server");
     } else if (json_object_get(root, "previous_response_id") &&
@@ -422,6 +435,10 @@ static void handle_create(struct api *api, struct evhttp_request *req)
                     json_object_set(extra, echoed[i], x);
             }
             json_object_set_new(reqp, "background", json_boolean(background));
+            if (json_is_string(cb)) {
+                json_object_set(reqp, "callback_url", cb);
+                json_object_set(extra, "callback_url", cb);
+            }
             json_object_set_new(reqp, "stream", json_boolean(stream));
             if (json_is_array(input))
                 json_object_set(extra, "input", norm);
@@ -459,8 +476,33 @@ struct op_ctx {
     struct evhttp_request *req;
     char conv[72];
     long turn;
-    bool cancel; /* cancel: answer the object after; else delete */
+    bool cancel;   /* cancel: answer the object after; else delete */
+    bool announce; /* the cancel took effect: publish a cancelled record on the responses topic */
 };
+
+/* Interested parties (webhooks among them) learn of a cancellation from the responses topic, like of any other
+ * final status. Best effort: a failed produce is logged (the Redis state is what clients see). */
+static void announce_cancel(struct api *api, const struct conv *conv, long turn, const struct turn *t)
+{
+    char rid[112];
+    response_id(rid, sizeof rid, conv->id, turn);
+    json_t *m =
+        json_pack("{s:s, s:s%, s:s, s:s, s:I, s:s, s:I}", "conversation_id", conv->id, "user_prompt",
+                  t->prompt ? t->prompt : "", t->prompt ? t->prompt_len : 0, "llm_response", "", "status", "cancelled",
+                  "turn", (json_int_t)turn, "response_id", rid, "completed_at", (json_int_t)t->completed_at);
+    json_t *req = t->req ? json_loads(t->req, 0, NULL) : NULL;
+    json_t *cb = json_object_get(req, "callback_url");
+    if (json_is_string(cb))
+        json_object_set(m, "callback_url", cb);
+    char *v = json_dumps(m, JSON_COMPACT);
+    rd_kafka_resp_err_t e =
+        kafka_produce(api->kp, api->cfg->topic_responses, conv->id, strlen(conv->id), v, strlen(v), NULL, NULL);
+    if (e)
+        log_warn("could not publish the cancellation of %s: %s", rid, rd_kafka_err2str(e));
+    free(v);
+    json_decref(req);
+    json_decref(m);
+}
 
 static void not_found(struct evhttp_request *req, const char *id)
 {
@@ -477,8 +519,11 @@ static void got_cb(void *arg, int rc, const struct conv *conv)
         api_reply_unavailable(c->api, c->req, "the conversation store (Redis) is unavailable");
     else if (!t || t->status == TURN_NONE || t->status == TURN_REJECTED || t->status == TURN_DELETED)
         not_found(c->req, id);
-    else
-        http_reply_json(c->req, 200, response_object(c->api, conv->id, c->turn, t));
+    else {
+        if (c->announce)
+            announce_cancel(c->api, conv, c->turn, t);
+        http_reply_json(c->req, 200, response_object(c->api, conv, c->turn, t));
+    }
     free(c);
 }
 
@@ -495,6 +540,7 @@ static void changed_cb(void *arg, int rc)
     } else if (rc < 0) {
         api_reply_unavailable(c->api, c->req, "the conversation store (Redis) is unavailable");
     } else if (c->cancel) {
+        c->announce = rc == 1;
         store_load(c->api->st, c->conv, got_cb, c);
         return;
     } else {

@@ -118,7 +118,7 @@ static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
 {
     struct load_ctx *lc = arg;
     if (rc == STORE_OK && lc->turn >= 1 && lc->turn <= conv->nturns)
-        http_reply_json(lc->req, 200, response_object(lc->api, conv->id, lc->turn, &conv->turn[lc->turn]));
+        http_reply_json(lc->req, 200, response_object(lc->api, conv, lc->turn, &conv->turn[lc->turn]));
     else if (rc == STORE_OK || rc == STORE_ENOTFOUND)
         http_reply_error(lc->req, 404, "invalid_request_error", "response_not_found", "the response is gone");
     else
@@ -197,6 +197,11 @@ void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t
 void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset)
 {
     struct submit *sub = opaque;
+    if (!sub) { /* a record without a request behind it (a cancellation) */
+        if (err)
+            log_warn("produce of a cancellation record failed: %s", rd_kafka_err2str(err));
+        return;
+    }
     if (err)
         log_warn("produce of conversation %s failed: %s", sub->conv_id, rd_kafka_err2str(err));
     else

@@ -199,7 +199,7 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
             return;
         }
         if (w->finishing || turn_status_final(t->status)) {
-            http_reply_json(req, 200, response_object(w->api, conv->id, w->turn, t));
+            http_reply_json(req, 200, response_object(w->api, conv, w->turn, t));
             watch_done(w);
             return;
         }
@@ -303,7 +303,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
         return;
     }
     struct evbuffer *out = evbuffer_new();
-    bool last = responses_sse(w->api, conv->id, w->turn, t, events, n, w->starting_after, &w->next_seq, out);
+    bool last = responses_sse(w->api, conv, w->turn, t, events, n, w->starting_after, &w->next_seq, out);
     if (n)
         w->after_entry = events[n - 1].seq;
     if (evbuffer_get_length(out))

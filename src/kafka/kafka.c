@@ -382,8 +382,8 @@ static void consumer_io_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
-                                          const char *topic, const struct kafka_consumer_hooks *hooks, void *ctx,
-                                          char *err, size_t errlen)
+                                          const char *topic, const char *offset_reset,
+                                          const struct kafka_consumer_hooks *hooks, void *ctx, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
     if (!conf)
@@ -391,7 +391,7 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
     if (set_conf(conf, "group.id", group_id, err, errlen) ||
         set_conf(conf, "enable.auto.commit", "false", err, errlen) ||
         set_conf(conf, "enable.auto.offset.store", "false", err, errlen) ||
-        set_conf(conf, "auto.offset.reset", "earliest", err, errlen) ||
+        set_conf(conf, "auto.offset.reset", offset_reset, err, errlen) ||
         set_conf(conf, "partition.assignment.strategy", "roundrobin", err, errlen) ||
         set_conf(conf, "session.timeout.ms", "10000", err, errlen) ||
         set_conf(conf, "heartbeat.interval.ms", "1000", err, errlen) ||
@@ -509,9 +509,11 @@ int kafka_ensure_topics(const struct config *cfg, int timeout_ms, char *err, siz
         rd_kafka_conf_destroy(conf);
         return -1;
     }
-    const char *names[] = {cfg->topic_prompts, cfg->topic_responses, cfg->topic_dlq};
+    const char *names[] = {cfg->topic_prompts,        cfg->topic_responses,  cfg->topic_dlq,
+                           cfg->topic_webhook_dlq,    cfg->topic_moderation, cfg->topic_postprocessed,
+                           cfg->topic_postprocess_dlq};
     const size_t n = sizeof names / sizeof names[0];
-    rd_kafka_NewTopic_t *topics[3];
+    rd_kafka_NewTopic_t *topics[sizeof names / sizeof names[0]];
     for (size_t i = 0; i < n; i++)
         topics[i] = rd_kafka_NewTopic_new(names[i], (int)cfg->partitions, (int)cfg->replication, NULL, 0);
 

@@ -63,11 +63,13 @@ struct kafka_consumer_hooks {
     bool (*on_revoke)(void *ctx, const rd_kafka_topic_partition_list_t *parts, bool may_defer);
 };
 
-/* Creates a consumer in group_id subscribed to topic, served on base. Offsets are never committed
- * automatically: the caller commits with kafka_consumer_commit(). */
+/* Creates a consumer in group_id subscribed to topic, served on base. A new group starts at offset_reset
+ * ("earliest" or "latest"). Offsets are never committed automatically: the caller commits with
+ * kafka_consumer_commit(). */
 struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
-                                          const char *topic, const struct kafka_consumer_hooks *hooks, void *ctx,
-                                          char *err, size_t errlen);
+                                          const char *topic, const char *offset_reset,
+                                          const struct kafka_consumer_hooks *hooks, void *ctx, char *err,
+                                          size_t errlen);
 /* Commits offsets (each the next offset to read). async=false blocks until the broker answers. */
 int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *offsets, bool async);
 /* Stops or restarts fetching from the listed partitions. */

@@ -5,7 +5,10 @@
 #include "core/log.h"
 #include "core/util.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <event2/event.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +46,8 @@ struct llm_call {
     void *arg;
     struct buf body;
     bool too_large;
+    bool block_private, blocked;
+    struct curl_slist *headers; /* per-call headers (llm_request), or NULL for the LLM's */
     char retry_after[64];
     char retry_after_ms[32];
     int64_t started_ms;
@@ -56,6 +61,43 @@ struct sock {
 
 static void check_done(struct llm *llm);
 
+/* True for addresses a webhook must not reach: loopback, private (RFC 1918, ULA), link-local, CGNAT, unspecified,
+ * multicast and broadcast, and IPv4-mapped IPv6 forms of those. */
+static bool addr_private(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET) {
+        uint32_t a = ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr);
+        return (a >> 24) == 0 || (a >> 24) == 10 || (a >> 24) == 127 || (a >> 16) == 0xA9FE || (a >> 20) == 0xAC1 ||
+               (a >> 16) == 0xC0A8 || (a >> 22) == (100u << 2 | 1) || (a >> 28) == 0xE || a == 0xFFFFFFFFu;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const unsigned char *b = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
+        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (memcmp(b, mapped, 12) == 0) {
+            struct sockaddr_in v4 = {.sin_family = AF_INET};
+            memcpy(&v4.sin_addr, b + 12, 4);
+            return addr_private((const struct sockaddr *)&v4);
+        }
+        bool zero = true;
+        for (int i = 0; i < 15; i++)
+            zero = zero && b[i] == 0;
+        return (zero && (b[15] == 0 || b[15] == 1)) || (b[0] & 0xfe) == 0xfc ||
+               (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) || b[0] == 0xff;
+    }
+    return true;
+}
+
+static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    (void)purpose;
+    struct llm_call *call = clientp;
+    if (addr_private(&a->addr)) {
+        call->blocked = true;
+        return CURL_SOCKET_BAD;
+    }
+    return socket(a->family, a->socktype, a->protocol);
+}
+
 static void call_free(struct llm_call *call)
 {
     if (call->prev)
@@ -66,6 +108,7 @@ static void call_free(struct llm_call *call)
         call->next->prev = call->prev;
     curl_multi_remove_handle(call->llm->multi, call->eh);
     curl_easy_cleanup(call->eh);
+    curl_slist_free_all(call->headers);
     buf_free(&call->body);
     call->llm->in_flight--;
     free(call);
@@ -185,6 +228,7 @@ static void check_done(struct llm *llm)
         res.curl_error = res.curl_code ? (call->errbuf[0] ? call->errbuf : curl_easy_strerror(msg->data.result)) : "";
         res.timed_out = msg->data.result == CURLE_OPERATION_TIMEDOUT;
         res.too_large = call->too_large;
+        res.blocked = call->blocked;
         curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &res.http_status);
         if (res.curl_code)
             res.http_status = 0;
@@ -269,19 +313,18 @@ struct llm_call *llm_post(struct llm *llm, int epi, const char *path, const char
     return llm_post_stream(llm, epi, path, body, len, NULL, cb, arg);
 }
 
-struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, const char *body, size_t len,
-                                 llm_data_cb *on_data, llm_cb *cb, void *arg)
+/* Creates, configures and starts a call; the caller then sets what differs. */
+static struct llm_call *call_start(struct llm *llm, const char *url, const struct curl_slist *headers, const char *body,
+                                   size_t len, long timeout_ms, llm_data_cb *on_data, llm_cb *cb, void *arg,
+                                   bool block_private)
 {
-    char url[2048];
-    struct endpoint *ep = &llm->ep[epi >= 0 && epi < llm->nep ? epi : 0];
-    snprintf(url, sizeof url, "%s%s", ep->base, path);
-
     struct llm_call *call = xcalloc(1, sizeof *call);
     call->llm = llm;
-    call->ep = ep;
+    call->ep = &llm->ep[0];
     call->cb = cb;
     call->on_data = on_data;
     call->arg = arg;
+    call->block_private = block_private;
     call->started_ms = mono_ms();
     buf_init(&call->body, (size_t)llm->cfg->llm_max_response_bytes);
     CURL *eh = curl_easy_init();
@@ -290,8 +333,12 @@ struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, con
         abort();
     }
     call->eh = eh;
+    if (headers) {
+        for (const struct curl_slist *h = headers; h; h = h->next)
+            call->headers = curl_slist_append(call->headers, h->data);
+    }
     curl_easy_setopt(eh, CURLOPT_URL, url);
-    curl_easy_setopt(eh, CURLOPT_HTTPHEADER, llm->headers);
+    curl_easy_setopt(eh, CURLOPT_HTTPHEADER, call->headers ? call->headers : llm->headers);
     curl_easy_setopt(eh, CURLOPT_POSTFIELDSIZE, (long)len);
     curl_easy_setopt(eh, CURLOPT_COPYPOSTFIELDS, body);
     curl_easy_setopt(eh, CURLOPT_WRITEFUNCTION, write_cb);
@@ -301,11 +348,16 @@ struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, con
     curl_easy_setopt(eh, CURLOPT_PRIVATE, call);
     curl_easy_setopt(eh, CURLOPT_ERRORBUFFER, call->errbuf);
     curl_easy_setopt(eh, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(eh, CURLOPT_TIMEOUT_MS, llm->cfg->llm_timeout_ms);
+    curl_easy_setopt(eh, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(eh, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
     curl_easy_setopt(eh, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(eh, CURLOPT_ACCEPT_ENCODING, "");
     curl_easy_setopt(eh, CURLOPT_USERAGENT, "asyncllm/0.1");
+    curl_easy_setopt(eh, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (block_private) {
+        curl_easy_setopt(eh, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+        curl_easy_setopt(eh, CURLOPT_OPENSOCKETDATA, call);
+    }
     llm->in_flight++;
     call->next = llm->calls;
     if (llm->calls)
@@ -313,6 +365,22 @@ struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, con
     llm->calls = call;
     curl_multi_add_handle(llm->multi, eh);
     return call;
+}
+
+struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, const char *body, size_t len,
+                                 llm_data_cb *on_data, llm_cb *cb, void *arg)
+{
+    char url[2048];
+    struct endpoint *ep = &llm->ep[epi >= 0 && epi < llm->nep ? epi : 0];
+    snprintf(url, sizeof url, "%s%s", ep->base, path);
+    struct llm_call *call = call_start(llm, url, NULL, body, len, llm->cfg->llm_timeout_ms, on_data, cb, arg, false);
+    call->ep = ep;
+    return call;
+}
+
+struct llm_call *llm_request(struct llm *llm, const struct llm_req *r, llm_cb *cb, void *arg)
+{
+    return call_start(llm, r->url, r->headers, r->body, r->len, r->timeout_ms, NULL, cb, arg, r->block_private);
 }
 
 void llm_cancel(struct llm_call *call)

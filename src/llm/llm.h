@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 struct event_base;
+struct curl_slist;
 struct config;
 struct llm;
 struct llm_call;
@@ -26,6 +27,7 @@ struct llm_response {
     const char *body; /* NUL-terminated; valid during the callback only */
     size_t body_len;
     int64_t retry_after_ms; /* from retry-after-ms or Retry-After (seconds or HTTP date); -1 if absent */
+    bool blocked;           /* llm_request with block_private: the address was loopback, private or link-local */
     int64_t elapsed_ms;
 };
 
@@ -49,6 +51,19 @@ struct llm_call *llm_post(struct llm *llm, int ep, const char *path, const char 
 /* Like llm_post, but a 2xx body goes to on_data as it arrives. */
 struct llm_call *llm_post_stream(struct llm *llm, int ep, const char *path, const char *body, size_t len,
                                  llm_data_cb *on_data, llm_cb *cb, void *arg);
+/* Any POST (webhooks): an absolute http(s) URL, extra headers (copied: curl_slist of "Name: value"), a
+ * timeout, and optionally a refusal to connect to loopback, private, link-local or unspecified addresses
+ * (checked on the resolved address at connect time, so DNS cannot smuggle one in). */
+struct llm_req {
+    const char *url;
+    const struct curl_slist *headers;
+    const char *body;
+    size_t len;
+    long timeout_ms;
+    bool block_private;
+};
+struct llm_call *llm_request(struct llm *llm, const struct llm_req *r, llm_cb *cb, void *arg);
+
 /* Aborts a call; its callback will not run. Must not be called from that call's own callback. */
 void llm_cancel(struct llm_call *call);
 int llm_in_flight(const struct llm *llm);

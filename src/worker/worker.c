@@ -412,6 +412,12 @@ static char *response_json(const struct job *job)
         job->attempts);
     if (!ok)
         json_object_set_new(m, "error", json_pack("{s:s, s:s}", "code", job->err_code, "message", job->err_msg));
+    char rid[112];
+    snprintf(rid, sizeof rid, "resp_%s_%ld", job->conv_id, job->turn);
+    json_object_set_new(m, "response_id", json_string(rid));
+    json_t *cb = json_object_get(job->msg, "callback_url");
+    if (json_is_string(cb))
+        json_object_set(m, "callback_url", cb);
     char *s = json_dumps(m, JSON_COMPACT);
     json_decref(m);
     return s;
@@ -1313,7 +1319,7 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     static const struct notify_hooks nhooks = {on_notify, NULL};
     w->notify = notify_new(base, cfg, &nhooks, w);
     static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
-    w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, &hooks, w, err, errlen);
+    w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, "earliest", &hooks, w, err, errlen);
     if (!w->kc)
         goto fail;
     if (cfg->metrics_port > 0) {
