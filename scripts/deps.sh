@@ -3,7 +3,7 @@
 #
 # Idempotent and fast: every package is checked with dpkg-query first, and `apt-get update` +
 # `apt-get install -y` run only for what is missing (printed before installing).
-#   build:  gcc make pkg-config librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev
+#   build:  gcc make pkg-config librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev libssl-dev
 #           libjansson-dev libcmocka-dev clang-format
 #   stack:  redis-server redis-tools kcat maven, openjdk-17-jre-headless (only when no java >= 17
 #           is on PATH); the Kafka jars themselves come from Maven Central (scripts/kafka-fetch.sh)
@@ -16,7 +16,7 @@ log() { printf 'deps: %s\n' "$*" >&2; }
 
 PACKAGES=(
   gcc make pkg-config
-  librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev libjansson-dev libcmocka-dev
+  librdkafka-dev libhiredis-dev libevent-dev libcurl4-openssl-dev libssl-dev libjansson-dev libcmocka-dev
   clang-format
   redis-server redis-tools kcat maven
   python3
