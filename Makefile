@@ -19,7 +19,7 @@ HDR     := $(wildcard src/*/*.h)
 UNIT    := $(wildcard tests/unit/test_*.c)
 FAKE    := tests/fakellm/fakellm.c
 
-.PHONY: all asan deps docs run test unit e2e chaos format lint clean stack-up stack-down bench
+.PHONY: all asan deps docs model run test unit e2e chaos format lint clean stack-up stack-down bench
 all: build/asyncllm build/fakellm
 
 build/asyncllm: $(SRC) $(HDR) | build
@@ -51,7 +51,10 @@ run: deps all
 unit: $(patsubst tests/unit/%.c,build/asan/%,$(UNIT))
 	@set -e; for t in $^; do echo "== $$t"; $$t; done
 
-e2e: asan build/fakellm
+model:
+	@scripts/model.sh install
+
+e2e: asan build/fakellm model
 	@scripts/check-docs.sh build/asan/asyncllm
 	@scripts/e2e.sh
 

@@ -198,6 +198,38 @@ class Redis:
         flat = self.command("HGETALL", key)
         return {flat[i].decode("utf-8"): flat[i + 1].decode("utf-8") for i in range(0, len(flat), 2)}
 
+    def pipeline(self, commands, chunk=500):
+        """Several commands, chunk at a time on one connection each; returns their replies in order (a
+        Redis error reply is returned as a RuntimeError object, not raised)."""
+        replies = []
+        for i in range(0, len(commands), chunk):
+            part = commands[i:i + chunk]
+            with socket.create_connection(self.addr, timeout=30) as s:
+                out = []
+                for args in part:
+                    out.append(b"*%d\r\n" % len(args))
+                    for a in args:
+                        a = a if isinstance(a, bytes) else str(a).encode("utf-8")
+                        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+                s.sendall(b"".join(out))
+                f = s.makefile("rb")
+                for _ in part:
+                    try:
+                        replies.append(self._read(f))
+                    except RuntimeError as e:
+                        replies.append(e)
+        return replies
+
+    def conversations(self, conv_ids):
+        """{id: hash} of many conversations at once (pipelined HGETALL)."""
+        conv_ids = list(conv_ids)
+        out = {}
+        for cid, flat in zip(conv_ids, self.pipeline([("HGETALL", f"asyncllm:conv:{c}") for c in conv_ids])):
+            if isinstance(flat, Exception):
+                raise flat
+            out[cid] = {flat[i].decode("utf-8"): flat[i + 1].decode("utf-8") for i in range(0, len(flat), 2)}
+        return out
+
     def conversation(self, conv_id):
         return self.hgetall(f"asyncllm:conv:{conv_id}")
 
@@ -244,12 +276,28 @@ class Kafka:
                 value = json.loads(payload) if payload is not None else None
             except ValueError:
                 value = None
+            hdrs = m.get("headers") or []
             out.append({"partition": m["partition"], "offset": m["offset"], "key": m.get("key"),
-                        "payload": payload, "value": value})
+                        "payload": payload, "value": value,
+                        "headers": {hdrs[i]: hdrs[i + 1] for i in range(0, len(hdrs) - 1, 2)}})
         return out
 
     def count(self, topic):
         return len(self.read(topic))
+
+    def produce(self, topic, messages, timeout=60):
+        """Produces (key, value) pairs (value a str or a dict sent as JSON) with kcat, acks=all, keys
+        spread by murmur2 as Java clients (and asyncllm's API) do."""
+        lines = []
+        for key, value in messages:
+            v = value if isinstance(value, str) else json.dumps(value)
+            assert "\t" not in key and "\n" not in key + v, "kcat's line format: no tab in keys, no newline"
+            lines.append(f"{key}\t{v}")
+        cmd = ["kcat", "-b", self.bootstrap, "-P", "-t", topic, "-K", "\t", "-z", "none",
+               "-X", "partitioner=murmur2_random", "-X", "acks=all", "-X", "linger.ms=5"]
+        p = subprocess.run(cmd, input=("\n".join(lines) + "\n").encode("utf-8"), capture_output=True, timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"kcat produce to {topic} failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
 
     def wait_for_key(self, topic, key, timeout=COMPLETE_TIMEOUT, n=1):
         """The messages with this key once there are at least n of them."""
@@ -407,6 +455,12 @@ class FakeLLM:
     def requests_with_last_user(self, text):
         return [r for r in self.requests() if r["messages"] and r["messages"][-1].get("content") == text]
 
+    def stats(self):
+        """GET /stats: {requests, completed, hangs, malformed, aborted, in_flight, status: {code: n}}."""
+        r = http_request(self.port, "GET", "/stats", timeout=10)
+        assert r.status == 200, r
+        return r.json()
+
 
 class AsyncLLM:
     """A running asyncllm process (api, worker or all)."""
@@ -451,6 +505,19 @@ class AsyncLLM:
 
     def poll(self, conversation_id):
         return self.get("/polling?" + urllib.parse.urlencode({"conversationId": conversation_id}))
+
+    def metrics(self, timeout=10.0):
+        """The worker's GET /metrics (worker and all roles) as {name or name{labels}: value}."""
+        port = self.settings.get("metrics-port")
+        assert port, f"{self.proc.name} has no metrics port"
+        r = http_request(int(port), "GET", "/metrics", timeout=timeout)
+        assert r.status == 200, r
+        out = {}
+        for line in r.body.decode("utf-8").splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
 
     def wait_done(self, conversation_id, timeout=COMPLETE_TIMEOUT, user_prompt=None):
         """Polls until the conversation's latest turn is complete or failed (and, if user_prompt is
@@ -527,7 +594,7 @@ class Cluster:
         """Starts `asyncllm ROLE` with this module's topics and group, the fake LLM, the stack's Kafka
         and Redis, and a free HTTP port (api/all). settings are --name=value flags (underscores become
         dashes) that override the defaults; extra are raw arguments. Waits for readiness."""
-        assert role in ("api", "worker", "all")
+        assert role in ("api", "worker", "all", "webhooks")
         self._n += 1
         http_port = free_port() if role in ("api", "all") else None
         opts = {
@@ -545,7 +612,7 @@ class Cluster:
             "commit-interval-ms": 200,
             "log-level": "info",
         }
-        if role in ("worker", "all"):
+        if role in ("worker", "all", "webhooks"):
             opts["metrics-port"] = free_port()  # not the fixed default: other stacks may run here
         if http_port is not None:
             opts["http-port"] = http_port
@@ -567,7 +634,7 @@ class Cluster:
         def ready():
             if not proc.alive():
                 pytest.fail(f"{proc.name} exited at start-up with status {proc.popen.returncode}:\n{proc.tail()}")
-            if node.role == "worker":
+            if node.role in ("worker", "webhooks"):
                 return "assigned" in proc.log()
             r = http_request(node.port, "GET", "/readyz", timeout=2)
             if r.status != 200:
