@@ -172,6 +172,31 @@ static const char LUA_EVENT[] =
 static const char LUA_IDEM[] = "if redis.call('SET', KEYS[1], 'pending', 'NX', 'EX', ARGV[1]) then return {} end\n"
                                "return {redis.call('GET', KEYS[1])}\n";
 
+/* Moderation: a turn's verdict, stored once. ARGV: turn, verdict ('' only reads). Returns -1 when the conversation
+ * is gone, else {1 stored now | 0, the verdict ('' if none), 1 if its message was acknowledged | 0}. */
+static const char LUA_MODERATION[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "local p = 't' .. ARGV[1] .. '.'\n"
+    "local v = redis.call('HGET', KEYS[1], p .. 'moderation')\n"
+    "if v then\n"
+    "  return {0, v, redis.call('HGET', KEYS[1], p .. 'moderation_published') and 1 or 0}\n"
+    "end\n"
+    "if ARGV[2] == '' then return {0, '', 0} end\n"
+    "redis.call('HSET', KEYS[1], p .. 'moderation', ARGV[2])\n"
+    "return {1, ARGV[2], 0}\n";
+
+/* Moderation: the verdict's message was acknowledged. ARGV: turn. */
+static const char LUA_MODERATION_PUBLISHED[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "redis.call('HSET', KEYS[1], 't' .. ARGV[1] .. '.moderation_published', '1')\n"
+    "return 1\n";
+
+/* Parties' markers. ARGV: ttl (0: none). */
+static const char LUA_MARKER_SET[] = "if tonumber(ARGV[1]) > 0 then redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])\n"
+                                     "else redis.call('SET', KEYS[1], '1') end\n"
+                                     "return 1\n";
+static const char LUA_MARKER_TEST[] = "return redis.call('EXISTS', KEYS[1])\n";
+
 enum op_kind {
     OP_SUBMIT,
     OP_REJECT,
@@ -184,6 +209,7 @@ enum op_kind {
     OP_EVENT,
     OP_IDEM,
     OP_IDEM_SET,
+    OP_VERDICT,
 };
 
 struct store {
@@ -210,6 +236,7 @@ struct op {
         store_rc_cb *rc;
         store_events_cb *events;
         store_idem_cb *idem;
+        store_verdict_cb *verdict;
     } cb;
     long turn;
     char conv_id[72];
@@ -396,6 +423,9 @@ static void op_answer_error(struct op *op, int rc)
     case OP_IDEM:
         op->cb.idem(op->arg, rc, NULL);
         break;
+    case OP_VERDICT:
+        op->cb.verdict(op->arg, rc, false, NULL, false);
+        break;
     default:
         break;
     }
@@ -404,7 +434,7 @@ static void op_answer_error(struct op *op, int rc)
 static bool has_callback(const struct op *op)
 {
     return op->kind == OP_SUBMIT || op->kind == OP_LOAD || op->kind == OP_BEGIN || op->kind == OP_FINISH ||
-           op->kind == OP_RC || op->kind == OP_EVENTS || op->kind == OP_IDEM;
+           op->kind == OP_RC || op->kind == OP_EVENTS || op->kind == OP_IDEM || op->kind == OP_VERDICT;
 }
 
 static void op_timeout_cb(evutil_socket_t fd, short what, void *arg)
@@ -494,6 +524,8 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
             t->started_at = parse_long(v->str);
         else if (strcmp(f, "published") == 0)
             t->published = true;
+        else if (strcmp(f, "moderation") == 0)
+            t->moderation = v->str;
         else if (strcmp(f, "stream") == 0)
             t->stream = true;
         else if (strcmp(f, "req") == 0)
@@ -548,6 +580,22 @@ static void events_reply(struct op *op, const redisReply *reply)
     op->cb.events(op->arg, STORE_OK, &conv, evs, k);
     free(evs);
     free(conv.turn);
+}
+
+/* -1 or {is_new, verdict, published} -> the verdict callback. */
+static void verdict_reply(struct op *op, const redisReply *reply)
+{
+    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == -1) {
+        op->cb.verdict(op->arg, STORE_ENOTFOUND, false, NULL, false);
+        return;
+    }
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 3 || reply->element[0]->type != REDIS_REPLY_INTEGER ||
+        reply->element[1]->type != REDIS_REPLY_STRING || reply->element[2]->type != REDIS_REPLY_INTEGER) {
+        op->cb.verdict(op->arg, STORE_EUNAVAILABLE, false, NULL, false);
+        return;
+    }
+    const char *v = reply->element[1]->len ? reply->element[1]->str : NULL;
+    op->cb.verdict(op->arg, STORE_OK, reply->element[0]->integer == 1, v, reply->element[2]->integer == 1);
 }
 
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
@@ -628,6 +676,9 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
             op->cb.idem(op->arg, STORE_OK, reply->element[0]->str);
         else
             op->cb.idem(op->arg, STORE_OK, NULL); /* expired between SET and GET: claim again is not needed */
+        break;
+    case OP_VERDICT:
+        verdict_reply(op, reply);
         break;
     default:
         break;
@@ -884,4 +935,48 @@ void store_idem_set(struct store *st, const char *key, const char *value, long t
         size_t lens[] = {3, strlen(key)};
         op_send(st, op, 2, argv, lens);
     }
+}
+
+void store_moderation(struct store *st, const char *conv_id, long turn, const char *verdict, store_verdict_cb *cb,
+                      void *arg)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn, verdict ? verdict : ""};
+    struct op *op = op_new(OP_VERDICT, conv_id, arg);
+    op->cb.verdict = cb;
+    EVAL(st, op, LUA_MODERATION, 1, argv, NULL);
+}
+
+void store_moderation_published(struct store *st, const char *conv_id, long turn, store_rc_cb *cb, void *arg)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    const char *argv[] = {key, n.turn};
+    struct op *op = op_new(OP_RC, conv_id, arg);
+    op->cb.rc = cb;
+    EVAL(st, op, LUA_MODERATION_PUBLISHED, 1, argv, NULL);
+}
+
+void store_marker_test(struct store *st, const char *name, store_rc_cb *cb, void *arg)
+{
+    char key[256];
+    snprintf(key, sizeof key, "asyncllm:done:%.200s", name);
+    const char *argv[] = {key};
+    struct op *op = op_new(OP_RC, "", arg);
+    op->cb.rc = cb;
+    EVAL(st, op, LUA_MARKER_TEST, 1, argv, NULL);
+}
+
+void store_marker_set(struct store *st, const char *name, long ttl_s, store_rc_cb *cb, void *arg)
+{
+    char key[256], ttl[24];
+    snprintf(key, sizeof key, "asyncllm:done:%.200s", name);
+    snprintf(ttl, sizeof ttl, "%ld", ttl_s);
+    const char *argv[] = {key, ttl};
+    struct op *op = op_new(OP_RC, "", arg);
+    op->cb.rc = cb;
+    EVAL(st, op, LUA_MARKER_SET, 1, argv, NULL);
 }

@@ -50,6 +50,8 @@ struct turn {
     int64_t submitted_at, started_at, completed_at;
     bool published; /* the worker saw the broker ack its response message */
     bool stream;    /* the turn keeps an event stream (see store_events_read) */
+    /* JSON object: the verdict of asyncllm moderate (see store_moderation), or NULL */
+    const char *moderation;
 };
 
 struct conv {
@@ -136,6 +138,20 @@ void store_finish(struct store *st, const char *conv_id, long turn, const struct
                   void *arg);
 /* Worker: the turn's response message was acknowledged by the broker. No callback. */
 void store_mark_published(struct store *st, const char *conv_id, long turn);
+/* Moderation (asyncllm moderate): stores verdict, a JSON object, as the turn's t<n>.moderation unless the turn
+ * has one already; verdict NULL only reads. The callback gets is_new (this call stored it), the verdict the turn
+ * has now (this one or the earlier one, NULL if none; valid during the call) and whether a message about it was
+ * acknowledged by the broker (store_moderation_published). STORE_ENOTFOUND: no such conversation (it is never
+ * created here). */
+typedef void store_verdict_cb(void *arg, int rc, bool is_new, const char *verdict, bool published);
+void store_moderation(struct store *st, const char *conv_id, long turn, const char *verdict, store_verdict_cb *cb,
+                      void *arg);
+/* Moderation: the verdict's message was acknowledged (t<n>.moderation_published). rc 1, or STORE_ENOTFOUND. */
+void store_moderation_published(struct store *st, const char *conv_id, long turn, store_rc_cb *cb, void *arg);
+/* Interested parties: markers of work done, the keys asyncllm:done:<name> (name at most 200 bytes), kept ttl_s
+ * (0: forever). store_marker_test answers rc 1 if the marker is set, 0 if not; store_marker_set answers 1. */
+void store_marker_test(struct store *st, const char *name, store_rc_cb *cb, void *arg);
+void store_marker_set(struct store *st, const char *name, long ttl_s, store_rc_cb *cb, void *arg);
 /* Worker: appends an event (kind 's' or 'd') to a streamed turn's event stream and notifies. No callback;
  * events of one store are appended in call order. */
 void store_event(struct store *st, const char *conv_id, long turn, char kind, const char *text, size_t len);
