@@ -58,6 +58,8 @@ static const struct cfg_entry entries[] = {
     /* HTTP */
     S("http-addr", http_addr, "127.0.0.1", "address the HTTP API listens on"),
     I("http-port", http_port, 0, 65535, "8080", "port the HTTP API listens on"),
+    I("http-threads", http_threads, 1, 64, "1",
+      "API threads, each with its own event loop, listener (SO_REUSEPORT), Kafka producer and Redis connections"),
     I("http-max-body", http_max_body, 64, 67108864, "1048576", "largest request body accepted, bytes (413 above)"),
     I("http-idle-timeout-s", http_idle_timeout_s, 1, 3600, "30",
       "a connection that sends or reads nothing for this long is closed (slow clients)"),
@@ -107,6 +109,33 @@ static const struct cfg_entry entries[] = {
     I("webhook-max-in-flight", webhook_max_in_flight, 1, 100000, "256", "events being delivered at once"),
     I("webhook-allow-private", webhook_allow_private, 0, 1, "0",
       "1: allow webhook URLs that resolve to loopback, private or link-local addresses"),
+    /* interested parties: asyncllm moderate, asyncllm exec */
+    S("moderation-words", moderation_words, "",
+      "word list of asyncllm moderate, a file: one word per line, matched as whole words after Unicode folding, "
+      "with repeated letters and digit or symbol swaps caught"),
+    S("moderation-url", moderation_url, "",
+      "OpenAI-compatible moderation API: asyncllm moderate POSTs every answer to {base}/moderations (empty: off)"),
+    S("moderation-api-key", moderation_api_key, "", "bearer token for the moderation API (empty: none)"),
+    S("moderation-model", moderation_model, "", "model sent to the moderation API (empty: its default)"),
+    S("moderation-group-id", moderation_group_id, "asyncllm-moderation", "consumer group of asyncllm moderate"),
+    I("moderation-max-in-flight", moderation_max_in_flight, 1, 100000, "64", "responses being checked at once"),
+    I("moderation-timeout-ms", moderation_timeout_ms, 100, 600000, "10000", "deadline of one moderation API call"),
+    I("moderation-max-attempts", moderation_max_attempts, 1, 100, "3",
+      "moderation API attempts per response; after the last one the verdict records the failure as a reason"),
+    S("exec-group-id", exec_group_id, "asyncllm-exec", "consumer group of asyncllm exec (one per command)"),
+    I("exec-per-message", exec_per_message, 0, 1, "0",
+      "1: asyncllm exec runs COMMAND once per message (the message on its stdin, the result on its stdout); 0: "
+      "one long-running COMMAND, one line in and one line out per message"),
+    I("exec-max-in-flight", exec_max_in_flight, 1, 10000, "16",
+      "messages given to the command at once (lines written ahead, or processes with exec-per-message)"),
+    I("exec-timeout-ms", exec_timeout_ms, 10, 3600000, "30000",
+      "how long the command may take over one message; then it is killed (and restarted) and the message retried"),
+    I("exec-max-attempts", exec_max_attempts, 1, 100, "3",
+      "attempts per message before it goes to the post-processing dead-letter topic"),
+    I("exec-retry-base-ms", exec_retry_base_ms, 1, 3600000, "500",
+      "backoff before a message is retried or a crashed command restarted (doubling up to 30 s)"),
+    I("exec-max-output-bytes", exec_max_output_bytes, 64, 268435456, "1048576",
+      "longest result line the command may write for one message"),
     S("metrics-addr", metrics_addr, "127.0.0.1", "address of the worker's metrics server"),
     I("metrics-port", metrics_port, 0, 65535, "9464", "port of the worker's GET /metrics (Prometheus text); 0: off"),
 };
@@ -209,6 +238,10 @@ int config_load(struct config *cfg, int argc, char **argv, int first, char *err,
             return -1;
         }
         const char *value = eq ? eq + 1 : NULL;
+        /* A switch (an integer in [0, 1]) alone means 1: --exec-per-message. */
+        if (!value && e->type == CFG_INT && e->min == 0 && e->max == 1 &&
+            (i + 1 == argc || (strcmp(argv[i + 1], "0") && strcmp(argv[i + 1], "1"))))
+            value = "1";
         if (!value) {
             if (i + 1 == argc) {
                 snprintf(err, errlen, "--%s needs a value", e->name);

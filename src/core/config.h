@@ -37,6 +37,7 @@ struct config {
     /* HTTP API */
     const char *http_addr;
     long http_port;
+    long http_threads;
     long http_max_body;
     long http_idle_timeout_s;
     long request_timeout_ms;
@@ -76,6 +77,22 @@ struct config {
     long webhook_timeout_ms;
     long webhook_max_in_flight;
     long webhook_allow_private;
+    /* moderation, post-processing */
+    const char *moderation_words;
+    const char *moderation_url;
+    const char *moderation_api_key;
+    const char *moderation_model;
+    const char *moderation_group_id;
+    long moderation_max_in_flight;
+    long moderation_timeout_ms;
+    long moderation_max_attempts;
+    const char *exec_group_id;
+    long exec_per_message;
+    long exec_max_in_flight;
+    long exec_timeout_ms;
+    long exec_max_attempts;
+    long exec_retry_base_ms;
+    long exec_max_output_bytes;
     /* `-X key=value` pass-through to librdkafka, applied to every Kafka client after our own settings. */
     const char *kafka_props[CONFIG_MAX_KAFKA_PROPS][2];
     int kafka_nprops;

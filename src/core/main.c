@@ -54,12 +54,15 @@ static struct config cfg;
 
 /* ---------------------------------------------------------------- API role */
 
+/* One API instance on its own thread and loop. The main thread asks it to stop by writing a byte to its pipe. */
 struct api_role {
     struct event_base *base;
     struct api *api;
     struct event *stop_ev, *wait_ev;
     int64_t stop_deadline;
-    int stop_fd[2]; /* for `all`: the main thread writes a byte to stop the API thread */
+    int stop_fd[2];
+    pthread_t thr;
+    bool started;
 };
 
 static void api_wait_cb(evutil_socket_t fd, short what, void *arg)
@@ -75,8 +78,14 @@ static void api_wait_cb(evutil_socket_t fd, short what, void *arg)
     evtimer_add(r->wait_ev, &tv);
 }
 
-static void api_begin_stop(struct api_role *r)
+static void api_stop_pipe_cb(evutil_socket_t fd, short what, void *arg)
 {
+    (void)what;
+    struct api_role *r = arg;
+    char b;
+    if (read(fd, &b, 1) < 0) {
+        /* nothing to do: the byte only wakes us */
+    }
     if (r->wait_ev)
         return;
     log_info("api: stopping; answering %d request(s) still waiting", api_pending(r->api));
@@ -86,37 +95,57 @@ static void api_begin_stop(struct api_role *r)
     api_wait_cb(-1, 0, r);
 }
 
-static void api_stop_pipe_cb(evutil_socket_t fd, short what, void *arg)
+static void *api_thread_main(void *arg)
 {
-    (void)what;
-    char b;
-    if (read(fd, &b, 1) < 0) {
-        /* nothing to do: the byte only wakes us */
-    }
-    api_begin_stop(arg);
+    struct api_role *r = arg;
+    event_base_dispatch(r->base);
+    api_free(r->api);
+    r->api = NULL;
+    return NULL;
 }
 
-static int api_role_init(struct api_role *r, struct event_base *base)
+/* Creates the API on a new loop, listening on port (-1: configured). */
+static int api_role_init(struct api_role *r, int port)
 {
     char err[512];
     memset(r, 0, sizeof *r);
-    r->base = base;
-    r->api = api_new(base, &cfg, err, sizeof err);
+    r->stop_fd[0] = r->stop_fd[1] = -1;
+    r->base = event_base_new();
+    r->api = api_new(r->base, &cfg, port, err, sizeof err);
     if (!r->api) {
         log_error("api: %s", err);
         return -1;
     }
-    log_info("api: listening on http://%s:%d (POST /answer, GET /polling)", cfg.http_addr, api_port(r->api));
+    if (pipe(r->stop_fd)) {
+        log_error("pipe failed");
+        return -1;
+    }
+    r->stop_ev = event_new(r->base, r->stop_fd[0], EV_READ, api_stop_pipe_cb, r);
+    event_add(r->stop_ev, NULL);
     return 0;
+}
+
+static void api_role_stop(struct api_role *r)
+{
+    if (r->stop_fd[1] >= 0 && write(r->stop_fd[1], "x", 1) < 0)
+        log_warn("cannot signal an API thread");
 }
 
 static void api_role_free(struct api_role *r)
 {
-    api_free(r->api);
+    if (r->started)
+        pthread_join(r->thr, NULL);
+    else
+        api_free(r->api);
     if (r->wait_ev)
         event_free(r->wait_ev);
     if (r->stop_ev)
         event_free(r->stop_ev);
+    for (int i = 0; i < 2; i++)
+        if (r->stop_fd[i] >= 0)
+            close(r->stop_fd[i]);
+    if (r->base)
+        event_base_free(r->base);
 }
 
 static void ensure_topics(void)
@@ -131,8 +160,8 @@ static void ensure_topics(void)
 struct main_ctx {
     struct event_base *base;
     struct worker *worker;
-    struct api_role *api;     /* the API on this thread (`api`) */
-    struct api_role *api_thr; /* the API on the other thread (`all`) */
+    struct api_role *apis; /* the API threads */
+    int napis;
     /* an interested party (webhooks, ...): its drain function and object */
     void (*party_drain)(void *obj, void (*on_drained)(void *), void *arg);
     void *party;
@@ -154,16 +183,14 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg)
         _exit(1);
     }
     log_info("%s received: shutting down gracefully (send it again to exit at once)", strsignal((int)sig));
-    if (m->api_thr && write(m->api_thr->stop_fd[1], "x", 1) < 0)
-        log_warn("cannot signal the API thread");
-    if (m->api)
-        api_begin_stop(m->api);
+    for (int i = 0; i < m->napis; i++)
+        api_role_stop(&m->apis[i]);
     if (m->worker)
         worker_drain(m->worker, drained_cb, m);
     if (m->party)
         m->party_drain(m->party, drained_cb, m);
-    if (!m->worker && !m->party && !m->api)
-        event_base_loopbreak(m->base);
+    if (!m->worker && !m->party)
+        event_base_loopbreak(m->base); /* the API threads stop by themselves; run() joins them */
 }
 
 static void webhooks_drain_fn(void *obj, void (*on_drained)(void *), void *arg)
@@ -200,20 +227,12 @@ static int run_party(const char *role)
     return 0;
 }
 
-static void *api_thread_main(void *arg)
-{
-    struct api_role *r = arg;
-    event_base_dispatch(r->base);
-    return NULL;
-}
-
 /* ---------------------------------------------------------------- main */
 
 static int run(const char *role)
 {
     bool want_api = strcmp(role, "api") == 0 || strcmp(role, "all") == 0;
     bool want_worker = strcmp(role, "worker") == 0 || strcmp(role, "all") == 0;
-    bool threaded = want_api && want_worker;
     char err[512];
     int rc = 1;
 
@@ -221,26 +240,19 @@ static int run(const char *role)
     ensure_topics();
     struct main_ctx m = {0};
     m.base = event_base_new();
-    struct api_role api_r;
-    struct event_base *api_base = NULL;
-    pthread_t thr;
-    bool thr_started = false;
-
     if (want_api) {
-        api_base = threaded ? event_base_new() : m.base;
-        if (api_role_init(&api_r, api_base))
-            goto out;
-        if (threaded) {
-            if (pipe(api_r.stop_fd)) {
-                log_error("pipe failed");
+        m.napis = (int)cfg.http_threads;
+        m.apis = calloc((size_t)m.napis, sizeof *m.apis);
+        int port = -1;
+        for (int i = 0; i < m.napis; i++) {
+            if (api_role_init(&m.apis[i], port)) {
+                m.napis = i + 1;
                 goto out;
             }
-            api_r.stop_ev = event_new(api_base, api_r.stop_fd[0], EV_READ, api_stop_pipe_cb, &api_r);
-            event_add(api_r.stop_ev, NULL);
-            m.api_thr = &api_r;
-        } else {
-            m.api = &api_r;
+            port = api_port(m.apis[i].api); /* the others share it (SO_REUSEPORT), even if 0 was asked */
         }
+        log_info("api: listening on http://%s:%d with %d thread(s) (POST /answer, GET /polling, /v1/responses)",
+                 cfg.http_addr, port, m.napis);
     }
     if (want_worker) {
         m.worker = worker_new(m.base, &cfg, err, sizeof err);
@@ -249,20 +261,21 @@ static int run(const char *role)
             goto out;
         }
     }
-    if (threaded) {
-        /* Signals go to the main thread only. */
-        sigset_t set, old;
-        sigemptyset(&set);
-        sigaddset(&set, SIGINT);
-        sigaddset(&set, SIGTERM);
-        pthread_sigmask(SIG_BLOCK, &set, &old);
-        thr_started = pthread_create(&thr, NULL, api_thread_main, &api_r) == 0;
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (!thr_started) {
-            log_error("cannot start the API thread");
+    /* Signals go to the main thread only: block them while the API threads start (they inherit the mask). */
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    for (int i = 0; i < m.napis; i++) {
+        m.apis[i].started = pthread_create(&m.apis[i].thr, NULL, api_thread_main, &m.apis[i]) == 0;
+        if (!m.apis[i].started) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            log_error("cannot start an API thread");
             goto out;
         }
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     struct event *sigint = evsignal_new(m.base, SIGINT, signal_cb, &m);
     struct event *sigterm = evsignal_new(m.base, SIGTERM, signal_cb, &m);
     event_add(sigint, NULL);
@@ -272,20 +285,12 @@ static int run(const char *role)
     event_free(sigterm);
     rc = 0;
 out:
-    if (thr_started) {
-        if (rc && write(api_r.stop_fd[1], "x", 1) < 0)
-            log_warn("cannot signal the API thread");
-        pthread_join(thr, NULL);
-    }
+    for (int i = 0; i < m.napis; i++)
+        api_role_stop(&m.apis[i]);
+    for (int i = 0; i < m.napis; i++)
+        api_role_free(&m.apis[i]); /* joins the thread, which freed its API */
+    free(m.apis);
     worker_free(m.worker);
-    if (want_api && api_r.api)
-        api_role_free(&api_r);
-    if (m.api_thr) {
-        close(api_r.stop_fd[0]);
-        close(api_r.stop_fd[1]);
-    }
-    if (api_base && api_base != m.base)
-        event_base_free(api_base);
     event_base_free(m.base);
     log_info("stopped");
     return rc;

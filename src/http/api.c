@@ -278,7 +278,7 @@ static void api_request_cb(struct evhttp_request *req, void *arg)
 
 /* ---------------------------------------------------------------- lifecycle */
 
-struct api *api_new(struct event_base *base, const struct config *cfg, char *err, size_t errlen)
+struct api *api_new(struct event_base *base, const struct config *cfg, int port, char *err, size_t errlen)
 {
     struct api *api = xcalloc(1, sizeof *api);
     api->base = base;
@@ -292,8 +292,8 @@ struct api *api_new(struct event_base *base, const struct config *cfg, char *err
     kafka_producer_watch(api->kp, base, cfg->topic_prompts);
     api->st = store_new(base, cfg);
     watch_init(api);
-    api->http = http_server_new(base, cfg, cfg->http_addr, (int)cfg->http_port, api_request_cb, api, &api->port,
-                                &api->listener, err, errlen);
+    api->http = http_server_new(base, cfg, cfg->http_addr, port >= 0 ? port : (int)cfg->http_port, api_request_cb, api,
+                                &api->port, &api->listener, err, errlen);
     if (!api->http) {
         watch_free(api);
         store_free(api->st);

@@ -12,8 +12,9 @@ struct event_base;
 struct config;
 struct api;
 
-/* Listens and connects to Kafka and Redis on base. Returns NULL with a message in err. */
-struct api *api_new(struct event_base *base, const struct config *cfg, char *err, size_t errlen);
+/* Listens on port (-1: the configured one) and connects to Kafka and Redis on base. Several APIs (one per
+ * thread) may listen on the same port. Returns NULL with a message in err. */
+struct api *api_new(struct event_base *base, const struct config *cfg, int port, char *err, size_t errlen);
 /* The port the API listens on. */
 int api_port(const struct api *api);
 /* Stops accepting connections (the first step of a graceful shutdown). */

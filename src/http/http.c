@@ -15,6 +15,8 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
+#include <event2/util.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +39,22 @@ struct evhttp *http_server_new(struct event_base *base, const struct config *cfg
                                          EVHTTP_REQ_HEAD | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
     evhttp_set_default_content_type(http, "application/json");
     evhttp_set_gencb(http, cb, arg);
-    struct evhttp_bound_socket *bs = evhttp_bind_socket_with_handle(http, addr, (ev_uint16_t)port_wanted);
+    /* SO_REUSEPORT, so that each API thread can have its own listener on the same port (the kernel spreads
+     * the connections), as nginx's workers do. */
+    struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = EVUTIL_AI_PASSIVE};
+    struct evutil_addrinfo *ai = NULL;
+    char portstr[16];
+    snprintf(portstr, sizeof portstr, "%d", port_wanted);
+    struct evhttp_bound_socket *bs = NULL;
+    if (evutil_getaddrinfo(addr, portstr, &hints, &ai) == 0 && ai) {
+        struct evconnlistener *l = evconnlistener_new_bind(base, NULL, NULL,
+                                                           LEV_OPT_REUSEABLE | LEV_OPT_REUSEABLE_PORT |
+                                                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
+                                                           1024, ai->ai_addr, (int)ai->ai_addrlen);
+        if (l)
+            bs = evhttp_bind_listener(http, l);
+        evutil_freeaddrinfo(ai);
+    }
     if (!bs) {
         snprintf(err, errlen, "cannot listen on %s:%d (in use, or a bad address?)", addr, port_wanted);
         evhttp_free(http);
