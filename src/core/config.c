@@ -109,6 +109,8 @@ static const struct cfg_entry entries[] = {
     I("webhook-max-in-flight", webhook_max_in_flight, 1, 100000, "256", "events being delivered at once"),
     I("webhook-allow-private", webhook_allow_private, 0, 1, "0",
       "1: allow webhook URLs that resolve to loopback, private or link-local addresses"),
+    I("webhook-from-beginning", webhook_from_beginning, 0, 1, "0",
+      "1: a new webhooks group starts at the beginning of the topic (0: at its end, no events for past responses)"),
     /* interested parties: asyncllm moderate, asyncllm exec */
     S("moderation-words", moderation_words, "",
       "word list of asyncllm moderate, a file: one word per line, matched as whole words after Unicode folding, "

@@ -77,6 +77,7 @@ struct config {
     long webhook_timeout_ms;
     long webhook_max_in_flight;
     long webhook_allow_private;
+    long webhook_from_beginning;
     /* moderation, post-processing */
     const char *moderation_words;
     const char *moderation_url;

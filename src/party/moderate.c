@@ -515,8 +515,7 @@ struct moderate *moderate_new(struct event_base *base, const struct config *cfg,
     md->llm = llm_new(base, cfg);
     /* A new group starts at the beginning of the topic: a party killed before its first commit must find the
      * responses it missed, and the stored verdicts make the replay cheap and duplicate-free. */
-    struct party_opts o = {cfg->moderation_group_id, cfg->topic_responses, cfg->moderation_max_in_flight, false,
-                           false};
+    struct party_opts o = {cfg->moderation_group_id, cfg->topic_responses, cfg->moderation_max_in_flight, false, false};
     static const struct party_hooks hooks = {process, abandon};
     md->party = party_new(base, cfg, &o, &hooks, md, err, errlen);
     if (!md->party)

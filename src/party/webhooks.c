@@ -411,7 +411,8 @@ struct webhooks *webhooks_new(struct event_base *base, const struct config *cfg,
     wh->llm = llm_new(base, cfg);
     /* A new webhooks group starts at the end of the topic: a first deployment must not send events for
      * every response of the past. */
-    struct party_opts o = {cfg->webhook_group_id, cfg->topic_responses, cfg->webhook_max_in_flight, false, true};
+    struct party_opts o = {cfg->webhook_group_id, cfg->topic_responses, cfg->webhook_max_in_flight, false,
+                           !cfg->webhook_from_beginning};
     static const struct party_hooks hooks = {process, abandon};
     wh->party = party_new(base, cfg, &o, &hooks, wh, err, errlen);
     if (!wh->party)

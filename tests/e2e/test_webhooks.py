@@ -81,6 +81,7 @@ def nodes(cluster, receiver):
         webhook_retry_max_ms=400,
         webhook_max_attempts=4,
         webhook_group_id=unique("hooks"),
+        webhook_from_beginning=1,  # the module's own topic: no race between joining and the first event
         topic_webhook_dlq=cluster.topic_dlq + "_hooks",
     )
     return api, hooks
@@ -147,7 +148,7 @@ def test_cancelled_response_sends_response_cancelled(nodes, receiver):
 
 def test_loopback_refused_unless_allowed(cluster, receiver, kafka):
     strict = cluster.start("webhooks", webhook_secret=SECRET, webhook_allow_private=0,
-                           webhook_group_id=unique("strict"), webhook_max_attempts=2,
+                           webhook_group_id=unique("strict"), webhook_max_attempts=2, webhook_from_beginning=1,
                            topic_webhook_dlq=cluster.topic_dlq + "_strict")
     api = cluster.start("all")
     cid = submit(api, "private target", receiver.url("/private"))
