@@ -7,7 +7,7 @@
 #include "core/log.h"
 #include "http/api.h"
 #include "kafka/kafka.h"
-#include "party/webhooks.h"
+#include "party/roles.h"
 #include "worker/worker.h"
 
 #include <event2/event.h>
@@ -32,6 +32,12 @@ static const char usage[] =
     "  all       api and worker in one process (two threads)\n"
     "  webhooks  deliver signed events (Standard Webhooks) for finished responses to callback_url and\n"
     "            --webhook-urls, with retries and a dead-letter topic\n"
+    "  moderate  check every answer (word list, empty, truncated, echo, optional moderation API), store the\n"
+    "            verdict on its turn and publish flagged ones to --topic-moderation\n"
+    "  exec      post-process every response with a command: asyncllm exec [settings] -- COMMAND [ARGS...]\n"
+    "            (one JSON line in, one JSON line out), results to --topic-postprocessed\n"
+    "  tail      print responses as they come: [--from-beginning] [--format=json|text] [--conversation=ID]\n"
+    "            [--topic=NAME]; joins no group, commits nothing\n"
     "  topics    create the Kafka topics if missing, then exit\n"
     "  config    print the settings as a Markdown table\n"
     "  version   print the version\n"
@@ -193,27 +199,22 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg)
         event_base_loopbreak(m->base); /* the API threads stop by themselves; run() joins them */
 }
 
-static void webhooks_drain_fn(void *obj, void (*on_drained)(void *), void *arg)
-{
-    webhooks_drain(obj, on_drained, arg);
-}
-
-/* A role that is one interested party on its own loop. */
-static int run_party(const char *role)
+/* A role that is one interested party on its own loop (src/party/roles.h). */
+static int run_party(const struct party_role *role)
 {
     char err[512];
-    log_set_role(role);
+    log_set_role(role->name);
     ensure_topics();
     struct main_ctx m = {0};
     m.base = event_base_new();
-    struct webhooks *wh = webhooks_new(m.base, &cfg, err, sizeof err);
-    if (!wh) {
-        log_error("%s: %s", role, err);
+    void *obj = role->create(m.base, &cfg, err, sizeof err);
+    if (!obj) {
+        log_error("%s: %s", role->name, err);
         event_base_free(m.base);
         return 2;
     }
-    m.party = wh;
-    m.party_drain = webhooks_drain_fn;
+    m.party = obj;
+    m.party_drain = role->drain;
     struct event *sigint = evsignal_new(m.base, SIGINT, signal_cb, &m);
     struct event *sigterm = evsignal_new(m.base, SIGTERM, signal_cb, &m);
     event_add(sigint, NULL);
@@ -221,7 +222,7 @@ static int run_party(const char *role)
     event_base_dispatch(m.base);
     event_free(sigint);
     event_free(sigterm);
-    webhooks_free(wh);
+    role->destroy(obj);
     event_base_free(m.base);
     log_info("stopped");
     return 0;
@@ -306,6 +307,10 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    if (party_role_args(cmd, &argc, argv, err, sizeof err)) { /* exec's command, tail's options */
+        fprintf(stderr, "asyncllm: %s\n", err);
+        return 2;
+    }
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(usage, stdout);
@@ -348,8 +353,12 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "api") == 0 || strcmp(cmd, "worker") == 0 || strcmp(cmd, "all") == 0)
         return run(cmd);
-    if (strcmp(cmd, "webhooks") == 0)
-        return run_party(cmd);
+    if (party_role_find(cmd))
+        return run_party(party_role_find(cmd));
+    if (strcmp(cmd, "tail") == 0) {
+        log_set_role("tail");
+        return party_role_tail(&cfg);
+    }
     fprintf(stderr, "asyncllm: unknown command '%s' (see asyncllm --help)\n", cmd);
     return 2;
 }

@@ -8,6 +8,7 @@
 #include "http/api_internal.h"
 #include "http/http.h"
 #include "kafka/kafka.h"
+#include "party/moderate.h"
 #include "store/store.h"
 
 #include <event2/event.h>
@@ -196,6 +197,8 @@ json_t *api_conv_view(const struct conv *conv)
         json_object_set_new(v, "error",
                             json_pack("{s:s, s:s}", "code", t->error_code ? t->error_code : "failed", "message",
                                       t->error_message ? t->error_message : ""));
+    if (t)
+        moderation_polling_view(v, t->moderation); /* asyncllm moderate's verdict, once there is one */
     json_object_set_new(v, "created_at", json_integer(conv->created_at));
     json_object_set_new(v, "updated_at", json_integer(conv->updated_at));
     return v;

@@ -22,6 +22,7 @@
 #include "core/util.h"
 #include "http/http.h"
 #include "kafka/kafka.h"
+#include "party/moderate.h"
 #include "store/store.h"
 
 #include <event2/buffer.h>
@@ -130,7 +131,8 @@ static json_t *response_object_at(const struct api *api, const struct conv *conv
     json_object_set_new(r, "top_p", req_field(req, "top_p"));
     json_object_set_new(r, "previous_response_id", req_field(req, "previous_response_id"));
     json_t *md = json_object_get(req, "metadata");
-    json_object_set_new(r, "metadata", json_is_object(md) ? json_incref(md) : json_object());
+    json_object_set_new(r, "metadata", json_is_object(md) ? json_deep_copy(md) : json_object());
+    moderation_metadata(json_object_get(r, "metadata"), t->moderation); /* string values, as metadata must be */
     json_object_set_new(r, "output", json_array());
     if (done) {
         json_array_append_new(json_object_get(r, "output"), message_item(conv_id, turn, t, true));
