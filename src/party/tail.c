@@ -8,6 +8,7 @@
 #include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,11 @@ int tail_run(const struct config *cfg, const struct tail_opts *o)
                               {"enable.partition.eof", "false"}};
     for (size_t i = 0; i < sizeof props / sizeof props[0]; i++)
         rd_kafka_conf_set(conf, props[i][0], props[i][1], err, sizeof err);
+    /* librdkafka 2.0 refuses assign() without a group.id ("Unknown group"), though assign() never joins the
+     * group: a name of its own, never used to subscribe or commit, keeps this consumer out of every group. */
+    char group[64];
+    snprintf(group, sizeof group, "asyncllm-tail-%016llx", (unsigned long long)rand_below(UINT64_MAX));
+    rd_kafka_conf_set(conf, "group.id", group, err, sizeof err);
     for (int i = 0; i < cfg->kafka_nprops; i++)
         if (rd_kafka_conf_set(conf, cfg->kafka_props[i][0], cfg->kafka_props[i][1], err, sizeof err))
             log_warn("-X %s: %s", cfg->kafka_props[i][0], err);

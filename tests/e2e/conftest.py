@@ -568,6 +568,10 @@ class AsyncLLM:
         return bodies
 
 
+# The interested parties of test_parties.py (asyncllm moderate, exec, tail): started like webhooks.
+PARTY_ROLES = ("moderate", "exec", "tail")
+
+
 class Cluster:
     """Per-module names and the processes the module started."""
 
@@ -594,7 +598,7 @@ class Cluster:
         """Starts `asyncllm ROLE` with this module's topics and group, the fake LLM, the stack's Kafka
         and Redis, and a free HTTP port (api/all). settings are --name=value flags (underscores become
         dashes) that override the defaults; extra are raw arguments. Waits for readiness."""
-        assert role in ("api", "worker", "all", "webhooks")
+        assert role in ("api", "worker", "all", "webhooks") + PARTY_ROLES
         self._n += 1
         http_port = free_port() if role in ("api", "all") else None
         opts = {
@@ -612,7 +616,7 @@ class Cluster:
             "commit-interval-ms": 200,
             "log-level": "info",
         }
-        if role in ("worker", "all", "webhooks"):
+        if role in ("worker", "all", "webhooks") + PARTY_ROLES and role != "tail":
             opts["metrics-port"] = free_port()  # not the fixed default: other stacks may run here
         if http_port is not None:
             opts["http-port"] = http_port
@@ -636,6 +640,8 @@ class Cluster:
                 pytest.fail(f"{proc.name} exited at start-up with status {proc.popen.returncode}:\n{proc.tail()}")
             if node.role in ("worker", "webhooks"):
                 return "assigned" in proc.log()
+            if node.role in PARTY_ROLES:  # tail assigns itself and says "following"
+                return ("following" if node.role == "tail" else "assigned") in proc.log()
             r = http_request(node.port, "GET", "/readyz", timeout=2)
             if r.status != 200:
                 return False
