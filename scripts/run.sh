@@ -22,6 +22,10 @@
 # REDIS_PORT), the ASYNCLLM_* settings of docs/CONTRACTS.md, ASYNCLLM_BUILD_DIR (default
 # <repo>/build), ASYNCLLM_FAKELLM_PORT (default 8089), ASYNCLLM_LLM (fake or local) and the
 # ASYNCLLM_MODEL_* settings of scripts/model.sh (port, threads, context, ...).
+# Interested parties (docs/PARTIES.md): ASYNCLLM_PARTIES="moderate webhooks exec tail" starts those roles
+# beside `asyncllm all` (same settings; metrics ports 9465, 9466, ... or ASYNCLLM_METRICS_PORT+1, +2, ...),
+# stopped before it. exec runs the command in ASYNCLLM_EXEC_COMMAND (split on spaces, e.g.
+# "python3 hooks/redact.py"); tail prints responses as text.
 
 # shellcheck disable=SC2317 # cleanup and stop_child are called from traps
 set -euo pipefail
@@ -74,6 +78,7 @@ stop_child() {
 }
 
 app_pid="" fake_pid="" model_started=0 cleaned=0
+party_pids=() party_names=()
 cleanup() {
   ((cleaned == 0)) || return 0
   cleaned=1
@@ -83,6 +88,10 @@ cleanup() {
   # If the terminal or pipe is gone, later output (ours and stack.sh's, which would stop at its first failed
   # write under set -e) goes nowhere instead.
   { printf 'run: shutting down\n' >&2; } 2>/dev/null || exec >/dev/null 2>&1
+  local k
+  for k in "${!party_pids[@]}"; do
+    stop_child "asyncllm ${party_names[$k]}" "${party_pids[$k]}" "$APP_STOP_TIMEOUT"
+  done
   [[ -z "$app_pid" ]] || stop_child asyncllm "$app_pid" "$APP_STOP_TIMEOUT"
   [[ -z "$fake_pid" ]] || stop_child fakellm "$fake_pid" 5
   ((model_started == 0)) || "$MODEL_SH" stop || true
@@ -192,11 +201,44 @@ EOF
   # 4. asyncllm in the foreground (in its own session, waited for so that traps run at once).
   setsid "$APP_BIN" all "$@" </dev/null &
   app_pid=$!
+  start_parties "$@"
   rc=0
   wait "$app_pid" || rc=$?
   app_pid="" # reaped: nothing left to stop
   log "asyncllm exited with status $rc"
   exit "$rc"
+}
+
+# start_parties ARGS: the roles of ASYNCLLM_PARTIES, each in its own session, with the same extra flags.
+start_parties() {
+  local role port=${ASYNCLLM_METRICS_PORT:-9464} n=0 pid
+  local -a cmd exec_cmd
+  for role in ${ASYNCLLM_PARTIES:-}; do
+    case "$role" in
+      moderate | webhooks | tail) cmd=("$APP_BIN" "$role") ;;
+      exec)
+        [[ -n "${ASYNCLLM_EXEC_COMMAND:-}" ]] || die "ASYNCLLM_PARTIES has exec: set ASYNCLLM_EXEC_COMMAND to the command"
+        read -r -a exec_cmd <<<"$ASYNCLLM_EXEC_COMMAND"
+        cmd=("$APP_BIN" exec) ;;
+      *) die "ASYNCLLM_PARTIES: unknown role '$role' (moderate, webhooks, exec, tail)" ;;
+    esac
+    n=$((n + 1))
+    if [[ "$role" == tail ]]; then
+      setsid "${cmd[@]}" --format=text "$@" </dev/null &
+    elif [[ "$role" == exec ]]; then
+      ASYNCLLM_METRICS_PORT=$((port + n)) setsid "${cmd[@]}" "$@" -- "${exec_cmd[@]}" </dev/null &
+    else
+      ASYNCLLM_METRICS_PORT=$((port + n)) setsid "${cmd[@]}" "$@" </dev/null &
+    fi
+    pid=$!
+    party_pids+=("$pid")
+    party_names+=("$role")
+    if [[ "$role" == tail ]]; then
+      log "started asyncllm tail (pid $pid): responses are printed below as text"
+    else
+      log "started asyncllm $role (pid $pid, GET /metrics on port $((port + n)))"
+    fi
+  done
 }
 
 # One line, read whole before it runs: an edit of this file during a long run cannot derail it.

@@ -387,7 +387,7 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct proc *pr = arg;
-    if (pr->eof || pr->broken) {
+    if (!pr->single && (pr->eof || pr->broken)) {
         proc_kill(pr, pr->eof ? "it closed its standard output" : "it closed its standard input");
         return;
     }

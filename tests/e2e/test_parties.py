@@ -258,6 +258,27 @@ def test_exec_results_in_order_per_conversation(api, execer, kafka, names):
         assert len({m["partition"] for m in msgs}) == 1
 
 
+# Before the hanging hook's test: a new group reads the topic from its beginning, and a process per message
+# started under load needs a generous timeout.
+def test_exec_per_message(cluster, api, kafka, names, hook_state):
+    node = cluster.start("exec", "--exec-per-message", "--", sys.executable, HOOK, hook_state,
+                         topic_postprocessed=names["pp_single"], topic_postprocess_dlq=names["pp_single_dlq"],
+                         exec_group_id=unique("e2e-exec-single"), exec_timeout_ms=20000, exec_max_attempts=2,
+                         exec_retry_base_ms=100, exec_max_in_flight=4)
+    convs = [submit_reply(api, f"single {i}") for i in range(3)]
+    pids = set()
+    for i, c in enumerate(convs):
+        m = kafka.wait_for_key(names["pp_single"], c)[0]["value"]
+        assert m["upper"] == f"SINGLE {i}"
+        pids.add(m["pid"])
+    assert len(pids) == 3, pids  # one process each
+    crash = submit_reply(api, "HOOK-CRASH-ALWAYS per message")
+    dl = kafka.wait_for_key(names["pp_single_dlq"], crash)
+    assert "exited with status 3" in dl[0]["headers"]["asyncllm-error-message"]
+    assert node.metrics()["asyncllm_exec_dead_lettered_total"] >= 1
+    assert node.proc.stop() == []  # SIGTERM: drains and exits 0
+
+
 def test_exec_crash_restarted_and_retried(api, execer, kafka, names):
     token = unique("t").replace("-", "")
     conv = submit_reply(api, f"HOOK-CRASH-ONCE:{token} then fine")
@@ -301,24 +322,6 @@ def test_exec_null_result_publishes_nothing(api, execer, kafka, names):
     assert not results(kafka, names["postprocessed"], conv)
 
 
-def test_exec_per_message(cluster, api, kafka, names, hook_state):
-    node = cluster.start("exec", "--exec-per-message", "--", sys.executable, HOOK, hook_state,
-                         topic_postprocessed=names["pp_single"], topic_postprocess_dlq=names["pp_single_dlq"],
-                         exec_group_id=unique("e2e-exec-single"), exec_timeout_ms=2000, exec_max_attempts=2,
-                         exec_retry_base_ms=100)
-    convs = [submit_reply(api, f"single {i}") for i in range(3)]
-    pids = set()
-    for i, c in enumerate(convs):
-        m = kafka.wait_for_key(names["pp_single"], c)[0]["value"]
-        assert m["upper"] == f"SINGLE {i}"
-        pids.add(m["pid"])
-    assert len(pids) == 3, pids  # one process each
-    crash = submit_reply(api, "HOOK-CRASH-ALWAYS per message")
-    dl = kafka.wait_for_key(names["pp_single_dlq"], crash)
-    assert "exited with status 3" in dl[0]["headers"]["asyncllm-error-message"]
-    assert node.metrics()["asyncllm_exec_dead_lettered_total"] >= 1
-
-
 def test_exec_rejects_unknown_command(cluster, names):
     from conftest import ASYNCLLM_BIN, KAFKA_BOOTSTRAP
     import subprocess
@@ -358,3 +361,51 @@ def test_tail_text_from_beginning_filtered(cluster, api):
     assert f"{conv}  turn 1  complete" in log
     assert "user: say it [[reply=only this one]]" in log
     assert other not in log and "not this one" not in log
+
+
+# ------------------------------------------------------------------------------------------------ the guide's examples
+
+
+def run_example(argv, convs, timeout=60):
+    """Runs an example party until it printed a line for each of convs; returns its output. SIGTERM at the
+    end: it must exit by itself with status 0."""
+    import os
+    import signal
+    import subprocess
+    p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: all(any(c in ln for ln in list(out)) for c in convs), timeout,
+                 f"{argv[0]} to print a line for each of {convs}", interval=0.1)
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=30)
+        reader.join(timeout=10)
+    return "".join(out), rc
+
+
+def test_example_party_in_c(cluster, api):
+    binary = REPO / "build" / "asan" / "test_party_example"
+    if not binary.exists():
+        pytest.skip("build/asan/test_party_example not built (make unit)")
+    convs = [submit_reply(api, f"example in C {i}") for i in range(3)]
+    from conftest import KAFKA_BOOTSTRAP
+    out, rc = run_example([binary, "run", f"--kafka-brokers={KAFKA_BOOTSTRAP}", f"--topic-responses={cluster.topic_responses}",
+                           f"--group-id={unique('e2e-party-min')}", "--commit-interval-ms=200",
+                           "--shutdown-grace-ms=2000"], convs)
+    for i, c in enumerate(convs):
+        assert f"{c} turn 1 complete: {len(f'example in C {i}')} bytes of answer" in out, out
+    assert rc == 0, out
+    assert "ERROR: AddressSanitizer" not in out and "runtime error:" not in out, out
+
+
+def test_example_party_with_kcat(cluster, api):
+    convs = [submit_reply(api, f"example with kcat {i}") for i in range(2)]
+    from conftest import KAFKA_BOOTSTRAP
+    out, _ = run_example([REPO / "examples" / "party_kcat.sh", KAFKA_BOOTSTRAP, unique("e2e-party-kcat"),
+                          cluster.topic_responses], convs)
+    for i, c in enumerate(convs):
+        assert f"{c} turn 1: {len(f'example with kcat {i}')} characters" in out, out
