@@ -1,15 +1,23 @@
 """Follow-up prompts: a conversation's earlier turns reach the LLM, in order, as `messages`."""
 
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import assert_error, llm_answer, unique
 
+# Six partitions and a small in-flight limit, so that in the interleaved test many conversations share a
+# partition and prompts queue (per conversation, and for a slot) inside the worker.
+PARTITIONS = 6
+MAX_IN_FLIGHT = 8
+
 
 @pytest.fixture(scope="module")
 def node(cluster):
-    return cluster.start("all")
+    return cluster.start("all", partitions=PARTITIONS, max_in_flight=MAX_IN_FLIGHT)
 
 
 def history(prompts):
@@ -74,36 +82,72 @@ def test_unknown_conversation_is_404(node, kafka, cluster):
     assert kafka.count(cluster.topic_prompts) == before, "a prompt for an unknown conversation was produced"
 
 
-def test_many_conversations_interleaved(node, fakellm):
-    """20 conversations x 4 turns; each turn is submitted right after the previous one's 202 (not after
-    it completes), round-robin over the conversations, with a random LLM latency per prompt. Every
-    call the LLM receives carries exactly that conversation's earlier turns, in order."""
+def test_many_conversations_interleaved(node, fakellm, kafka, cluster):
+    """48 conversations x 5 turns over 6 partitions, with a worker allowed 8 LLM calls at once. Turn t of
+    every conversation is submitted (16 at a time) right after turn t-1's 202, not after it completes, with
+    a random LLM latency per prompt, so that later turns wait behind earlier ones and heads wait for a
+    slot. Every call the LLM receives carries exactly that conversation's earlier turns, in order; turn t
+    reaches the LLM only after turn t-1's answer was sent; the in-flight limit holds."""
     rng = random.Random(20251127)
-    n_conv, n_turns = 20, 4
+    n_conv, n_turns = 48, 5
     tag = unique("il")
+    latency = {}  # prompt -> its [[latency=MS]]
+
+    def prompt_for(c, t):
+        ms = rng.randint(0, 400)
+        p = f"{tag} c{c} t{t} [[latency={ms}]]"
+        latency[p] = ms
+        return p
+
+    # The LLM's view while the test runs: no more than MAX_IN_FLIGHT calls at once, and more than one.
+    peak = {"llm_in_flight": 0, "buffered": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                peak["llm_in_flight"] = max(peak["llm_in_flight"], fakellm.stats()["in_flight"])
+                peak["buffered"] = max(peak["buffered"], node.metrics()["asyncllm_worker_buffered"])
+            except Exception:  # noqa: BLE001 - a sample lost is no harm
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     prompts = {}  # cid -> [prompt of turn 1, 2, ...]
     cids = []
-    for t in range(1, n_turns + 1):
-        for c in range(n_conv):
-            p = f"{tag} c{c} t{t} [[latency={rng.randint(0, 300)}]]"
-            if t == 1:
-                cid = node.submit(p)["conversation_id"]
-                cids.append(cid)
-                prompts[cid] = [p]
-            else:
-                cid = cids[c]
-                node.submit(p, conversation_id=cid, method=rng.choice(["GET", "POST"]))
-                prompts[cid].append(p)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            for t in range(1, n_turns + 1):
+                batch = [prompt_for(c, t) for c in range(n_conv)]
+                if t == 1:
+                    bodies = list(pool.map(lambda p: node.submit(p), batch))
+                    for p, b in zip(batch, bodies):
+                        cids.append(b["conversation_id"])
+                        prompts[b["conversation_id"]] = [p]
+                else:
+                    methods = [rng.choice(["GET", "POST"]) for _ in range(n_conv)]
+                    bodies = list(pool.map(lambda a: node.submit(a[0], conversation_id=a[1], method=a[2]),
+                                           zip(batch, cids, methods)))
+                    for p, cid, b in zip(batch, cids, bodies):
+                        assert b["turn"] == t, b
+                        prompts[cid].append(p)
 
-    node.wait_all_done(cids)  # the latest turn is allocated at submit: done means turn 4 is done
+        node.wait_all_done(cids, timeout=120)  # the latest turn is allocated at submit: done means turn 5 is done
+    finally:
+        stop.set()
+        sampler.join()
     for cid in cids:
         b = node.wait_done(cid, user_prompt=prompts[cid][-1], timeout=5)
         assert b["status"] == "complete", b
         assert b["llm_response"] == llm_answer(prompts[cid][-1], messages=2 * n_turns - 1), b
 
+    parts = {m["partition"] for m in kafka.read(cluster.topic_prompts) if m["key"] in prompts}
+    assert len(parts) == PARTITIONS, f"the conversations did not cover every partition: {sorted(parts)}"
+
     # Each LLM request of this test belongs to the conversation of its first user message.
     first = {ps[0]: cid for cid, ps in prompts.items()}
-    seen = {cid: set() for cid in cids}
+    calls = {cid: {} for cid in cids}  # cid -> turn -> [ts_ms of each call]
     for req in fakellm.requests():
         msgs = req["messages"]
         if not msgs or not str(msgs[0].get("content", "")).startswith(tag + " "):
@@ -113,6 +157,20 @@ def test_many_conversations_interleaved(node, fakellm):
         k = (len(msgs) + 1) // 2
         assert 1 <= k <= n_turns and len(msgs) == 2 * k - 1, req
         assert msgs == history(prompts[cid][:k]), f"conversation {cid} turn {k} reached the LLM with {msgs!r}"
-        seen[cid].add(k)
+        calls[cid].setdefault(k, []).append(req["ts_ms"])
     for cid in cids:
-        assert seen[cid] == set(range(1, n_turns + 1)), f"turns of {cid} the LLM received: {sorted(seen[cid])}"
+        assert sorted(calls[cid]) == list(range(1, n_turns + 1)), f"turns of {cid} the LLM received: {sorted(calls[cid])}"
+        assert all(len(v) == 1 for v in calls[cid].values()), f"a turn of {cid} reached the LLM twice: {calls[cid]}"
+        # Strictly one after another: turn k's call arrives after turn k-1's answer left (its latency later).
+        for k in range(2, n_turns + 1):
+            prev_ts, ts = calls[cid][k - 1][0], calls[cid][k][0]
+            # (20 ms of slack: whole milliseconds, and the fake LLM's timers run on libevent's cached clock.)
+            assert ts >= prev_ts + latency[prompts[cid][k - 2]] - 20, (
+                f"conversation {cid}: turn {k} reached the LLM at {ts}, before turn {k - 1} (sent at {prev_ts}, "
+                f"latency {latency[prompts[cid][k - 2]]} ms) was answered")
+
+    print(f"\ninterleaved: {n_conv * n_turns} prompts, peak LLM calls in flight {peak['llm_in_flight']}, "
+          f"peak prompts buffered in the worker {peak['buffered']:.0f}")
+    assert 1 < peak["llm_in_flight"] <= MAX_IN_FLIGHT, f"LLM calls in flight at once peaked at {peak['llm_in_flight']}"
+    # The test did make prompts wait in the worker (not only run one per conversation as they arrived).
+    assert peak["buffered"] > MAX_IN_FLIGHT, f"prompts buffered in the worker peaked at {peak['buffered']}"
