@@ -7,7 +7,9 @@
 #           libjansson-dev libcmocka-dev clang-format
 #   stack:  redis-server redis-tools kcat maven, openjdk-17-jre-headless (only when no java >= 17
 #           is on PATH); the Kafka jars themselves come from Maven Central (scripts/kafka-fetch.sh)
-#   tests:  python3 and pytest (Debian's python3-pytest, or `pip install pytest` as a fallback)
+#   tests:  python3 and pytest (Debian's python3-pytest, or `pip install pytest` as a fallback); from PyPI
+#           with pip, into the python3 that runs pytest: openai (the official SDK, with the Responses API's
+#           stream resume), schemathesis 4 and openapi-spec-validator (tests of docs/openapi.yaml)
 # Installing Debian's redis-server may start a system redis on 6379; it is left alone (our stack
 # uses REDIS_PORT=6390).
 set -euo pipefail
@@ -82,6 +84,57 @@ if ! python3 -c 'import pytest' 2>/dev/null; then
     # Debian 12 marks its Python as externally managed (PEP 668).
     python3 -m pip install --quiet pytest ||
       python3 -m pip install --quiet --break-system-packages pytest
+  fi
+fi
+
+# Python packages from PyPI for the e2e tests, checked from their installed metadata (quick, no import) and,
+# for the SDK, the feature the tests use (resuming a stream: retrieve(..., starting_after=N)); a second run
+# installs nothing.
+py_missing() {
+  python3 - <<'PY' 2>/dev/null
+import importlib.metadata as md
+import importlib.util
+import pathlib
+
+
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+need = []
+spec = importlib.util.find_spec("openai")
+src = pathlib.Path(spec.origin).parent / "resources" / "responses" / "responses.py" if spec and spec.origin else None
+if not (version("openai") and src and src.exists() and "starting_after" in src.read_text()):
+    need.append("openai>=1.100")
+if not (version("schemathesis") or "").startswith("4."):
+    need.append("schemathesis>=4,<5")
+if not (version("openapi-spec-validator") and version("jsonschema") and version("PyYAML")):
+    need.append("openapi-spec-validator")
+print(" ".join(need))
+PY
+}
+pip_install() {
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+  fi
+  log "pip install: $*"
+  # Debian 12 marks its Python as externally managed (PEP 668); and pip cannot upgrade a package that Debian
+  # installed (no RECORD file), hence the last form, which installs over it into /usr/local.
+  python3 -m pip install --quiet "$@" ||
+    python3 -m pip install --quiet --break-system-packages "$@" ||
+    python3 -m pip install --quiet --break-system-packages --ignore-installed "$@"
+}
+py_need=$(py_missing) || py_need="openai>=1.100 schemathesis>=4,<5 openapi-spec-validator"
+if [[ -n "$py_need" ]]; then
+  # shellcheck disable=SC2086 # one word per requirement
+  pip_install -U $py_need
+  py_need=$(py_missing)
+  if [[ -n "$py_need" ]]; then
+    log "ERROR: still missing for python3 after pip install: $py_need"
+    exit 1
   fi
 fi
 
