@@ -19,7 +19,7 @@ HDR     := $(wildcard src/*/*.h)
 UNIT    := $(wildcard tests/unit/test_*.c)
 FAKE    := tests/fakellm/fakellm.c
 
-.PHONY: all asan deps docs model run test unit e2e chaos format lint clean stack-up stack-down bench
+.PHONY: all asan deps docs model run test unit e2e chaos chaos-short format lint clean stack-up stack-down bench
 all: build/asyncllm build/fakellm
 
 build/asyncllm: $(SRC) $(HDR) | build
@@ -61,7 +61,14 @@ e2e: asan build/fakellm model
 docs: build/asyncllm
 	@scripts/update-docs.py build/asyncllm
 
-test: deps lint unit e2e
+# Chaos: worker SIGKILLs, a Kafka and a Redis restart under continuous submissions, on its own stack.
+chaos: asan build/fakellm
+	@scripts/chaos.sh
+
+chaos-short: asan build/fakellm
+	@scripts/chaos.sh --short
+
+test: deps lint unit e2e chaos-short
 
 format:
 	clang-format -i $(SRC) $(HDR) $(UNIT) $(FAKE)

@@ -122,11 +122,20 @@ static void producer_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *op
 {
     (void)rk;
     struct kafka_producer *kp = opaque;
-    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+    rd_kafka_resp_err_t err = m->err;
+    /* Belt and braces: a success must mean "persisted by the broker, at an offset". Anything else is reported
+     * as a failure, so that a client never gets 202 for a prompt that is not in the log. */
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+        (rd_kafka_message_status(m) != RD_KAFKA_MSG_STATUS_PERSISTED || m->offset < 0)) {
+        log_error("kafka: delivery reported without a persisted offset (partition %d, offset %lld, status %d)",
+                  (int)m->partition, (long long)m->offset, (int)rd_kafka_message_status(m));
+        err = RD_KAFKA_RESP_ERR__FAIL;
+    }
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
         kp->last_ok_ms = mono_ms();
         set_up(kp, true, NULL);
     }
-    kp->dr(m->_private, m->err, m->partition, m->offset);
+    kp->dr(m->_private, err, m->partition, m->offset);
 }
 
 static void producer_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)

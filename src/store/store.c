@@ -220,6 +220,7 @@ struct store {
     bool closing;
     struct event *reconnect_ev;
     int reconnect_ms;
+    int pending; /* commands sent and not answered */
 };
 
 struct op {
@@ -395,6 +396,15 @@ void store_free(struct store *st)
 bool store_connected(const struct store *st)
 {
     return st->connected;
+}
+
+void store_drain(struct store *st, int timeout_ms)
+{
+    int64_t deadline = mono_ms() + timeout_ms;
+    while (st->pending > 0 && st->ac && mono_ms() < deadline)
+        event_base_loop(st->base, EVLOOP_ONCE);
+    if (st->pending > 0)
+        log_warn("redis: %d command(s) unanswered at shutdown", st->pending);
 }
 
 /* ---------------------------------------------------------------- operations */
@@ -602,6 +612,7 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
     (void)ac;
     struct op *op = privdata;
+    op->st->pending--;
     redisReply *reply = r;
     if (op->timer)
         event_free(op->timer);
@@ -698,6 +709,7 @@ static void op_send(struct store *st, struct op *op, int argc, const char **argv
         free(op);
         return;
     }
+    st->pending++;
     op->timer = evtimer_new(st->base, op_timeout_cb, op);
     struct timeval tv = {st->cfg->redis_timeout_ms / 1000, (st->cfg->redis_timeout_ms % 1000) * 1000};
     evtimer_add(op->timer, &tv);

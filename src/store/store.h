@@ -104,6 +104,10 @@ struct store *store_new(struct event_base *base, const struct config *cfg);
 /* Closes the connection; pending operations answer STORE_EUNAVAILABLE before this returns. */
 void store_free(struct store *st);
 bool store_connected(const struct store *st);
+/* Runs the loop until every command sent has been answered (at most timeout_ms): the last writes of a
+ * shutdown (fire-and-forget ones included) reach Redis before store_free() closes the connection. Only at
+ * shutdown, once nothing else on the loop can fire. */
+void store_drain(struct store *st, int timeout_ms);
 
 /* API: allocates a turn for a prompt, as pending. is_new creates the conversation (STORE_EEXISTS if taken);
  * otherwise the conversation must exist (STORE_ENOTFOUND). The callback gets the turn number. */

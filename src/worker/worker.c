@@ -374,6 +374,8 @@ static void backoff_cb(evutil_socket_t fd, short what, void *arg)
 /* Waits delay_ms, then resumes at step. Holds no slot while waiting. */
 static void job_backoff(struct job *job, enum job_step step, int64_t delay_ms)
 {
+    /* Timers count from the loop's cached time, which may be a few ms old: a Retry-After must not fire early. */
+    event_base_update_cache_time(job->w->base);
     job_drop_slot(job);
     job->state = J_BACKOFF;
     job->step = step;
@@ -1367,7 +1369,20 @@ void worker_free(struct worker *w)
     kafka_consumer_free(w->kc); /* revokes: abandons what is unfinished */
     w->kc = NULL;
     kafka_producer_free(w->kp, 5000); /* serves the last delivery reports */
-    store_free(w->st);                /* answers the last Redis commands */
+    /* The timers go first: the loop runs once more below, for the last Redis writes (published marks). */
+    event_free(w->commit_timer);
+    w->commit_timer = NULL;
+    if (w->grace_timer)
+        event_free(w->grace_timer);
+    w->grace_timer = NULL;
+    if (w->revoke_timer)
+        event_free(w->revoke_timer);
+    w->revoke_timer = NULL;
+    for (struct job *j = w->jobs; j; j = j->all_next)
+        if (j->timer)
+            evtimer_del(j->timer);
+    store_drain(w->st, 3000);
+    store_free(w->st); /* answers the last Redis commands */
     while (w->jobs)
         job_free(w->jobs); /* before llm_free: a job may still hold a call to cancel */
     llm_free(w->llm);
