@@ -84,7 +84,7 @@ static void answer_submit(struct api *api, struct evhttp_request *req, const cha
         extra = json_pack("{s:s}", "callback_url", callback);
         req_json = json_dumps(extra, JSON_COMPACT);
     }
-    struct turn_meta meta = {req_json, NULL, false};
+    struct turn_meta meta = {req_json, NULL, false, 0};
     struct submit_params p = {.prompt = prompt,
                               .prompt_len = len,
                               .conv_id = conv,
@@ -180,6 +180,8 @@ json_t *api_conv_view(const struct conv *conv)
         status = "complete";
     else if (t && t->status == TURN_FAILED)
         status = "failed";
+    else if (t && t->status == TURN_CANCELLED)
+        status = "cancelled"; /* a client cancelled it (Responses API): final, like complete and failed */
     json_t *v = json_pack("{s:s, s:s, s:s%, s:s%}", "status", status, "conversation_id", conv->id, "user_prompt",
                           t && t->prompt ? t->prompt : "", t && t->prompt ? t->prompt_len : 0, "llm_response",
                           t && t->status == TURN_COMPLETE && t->response ? t->response : "",
@@ -295,8 +297,8 @@ struct api *api_new(struct event_base *base, const struct config *cfg, int port,
     kafka_producer_watch(api->kp, base, cfg->topic_prompts);
     api->st = store_new(base, cfg);
     watch_init(api);
-    api->http = http_server_new(base, cfg, cfg->http_addr, port >= 0 ? port : (int)cfg->http_port, api_request_cb, api,
-                                &api->port, &api->listener, err, errlen);
+    api->http = http_server_new_shared(base, cfg, cfg->http_addr, port >= 0 ? port : (int)cfg->http_port,
+                                       api_request_cb, api, &api->port, &api->listener, port < 0, err, errlen);
     if (!api->http) {
         watch_free(api);
         store_free(api->st);

@@ -23,9 +23,12 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-struct evhttp *http_server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
-                               void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
-                               struct evhttp_bound_socket **bound, char *err, size_t errlen)
+/* mode 0: an exclusive listener; 1: the first of a group sharing the port with SO_REUSEPORT (the port is
+ * first checked free with an exclusive bind, since a REUSEPORT bind would silently share a port that another
+ * process holds with REUSEPORT); 2: another of that group. */
+static struct evhttp *server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
+                                 void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
+                                 struct evhttp_bound_socket **bound, int mode, char *err, size_t errlen)
 {
     struct evhttp *http = evhttp_new(base);
     if (!http) {
@@ -35,11 +38,13 @@ struct evhttp *http_server_new(struct event_base *base, const struct config *cfg
     evhttp_set_max_headers_size(http, 64 * 1024);
     evhttp_set_max_body_size(http, (ev_ssize_t)cfg->http_max_body * 2);
     evhttp_set_timeout(http, (int)cfg->http_idle_timeout_s);
+    /* Every method reaches the router, which answers 405 with Allow in OpenAI's error shape (libevent would
+     * answer others itself, in HTML). */
     evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
-                                         EVHTTP_REQ_HEAD | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
+                                         EVHTTP_REQ_HEAD | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH | EVHTTP_REQ_TRACE);
     evhttp_set_default_content_type(http, "application/json");
     evhttp_set_gencb(http, cb, arg);
-    /* SO_REUSEPORT, so that each API thread can have its own listener on the same port (the kernel spreads
+    /* With several API threads, each has its own listener on the same port (SO_REUSEPORT: the kernel spreads
      * the connections), as nginx's workers do. */
     struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = EVUTIL_AI_PASSIVE};
     struct evutil_addrinfo *ai = NULL;
@@ -47,10 +52,19 @@ struct evhttp *http_server_new(struct event_base *base, const struct config *cfg
     snprintf(portstr, sizeof portstr, "%d", port_wanted);
     struct evhttp_bound_socket *bs = NULL;
     if (evutil_getaddrinfo(addr, portstr, &hints, &ai) == 0 && ai) {
-        struct evconnlistener *l = evconnlistener_new_bind(base, NULL, NULL,
-                                                           LEV_OPT_REUSEABLE | LEV_OPT_REUSEABLE_PORT |
-                                                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
-                                                           1024, ai->ai_addr, (int)ai->ai_addrlen);
+        bool free_port = true;
+        if (mode == 1 && port_wanted != 0) {
+            evutil_socket_t probe = socket(ai->ai_family, SOCK_STREAM, 0);
+            int one = 1;
+            setsockopt(probe, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+            free_port = probe >= 0 && bind(probe, ai->ai_addr, (socklen_t)ai->ai_addrlen) == 0;
+            if (probe >= 0)
+                evutil_closesocket(probe);
+        }
+        unsigned flags =
+            LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | (mode ? LEV_OPT_REUSEABLE_PORT : 0);
+        struct evconnlistener *l =
+            free_port ? evconnlistener_new_bind(base, NULL, NULL, flags, 1024, ai->ai_addr, (int)ai->ai_addrlen) : NULL;
         if (l)
             bs = evhttp_bind_listener(http, l);
         evutil_freeaddrinfo(ai);
@@ -86,19 +100,49 @@ void http_reply_json(struct evhttp_request *req, int code, json_t *obj)
     evhttp_send_reply(req, code, NULL, NULL);
 }
 
-void http_reply_error(struct evhttp_request *req, int code, const char *type, const char *errcode, const char *fmt, ...)
+struct evhttp *http_server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
+                               void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
+                               struct evhttp_bound_socket **bound, char *err, size_t errlen)
+{
+    return server_new(base, cfg, addr, port_wanted, cb, arg, port, bound, 0, err, errlen);
+}
+
+struct evhttp *http_server_new_shared(struct event_base *base, const struct config *cfg, const char *addr,
+                                      int port_wanted, void (*cb)(struct evhttp_request *, void *), void *arg,
+                                      int *port, struct evhttp_bound_socket **bound, bool first, char *err,
+                                      size_t errlen)
+{
+    return server_new(base, cfg, addr, port_wanted, cb, arg, port, bound, first ? 1 : 2, err, errlen);
+}
+
+static void reply_error_v(struct evhttp_request *req, int code, const char *type, const char *errcode,
+                          const char *param, const char *fmt, va_list ap)
 {
     char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    json_t *err =
-        json_pack("{s:{s:s, s:s, s:n, s:s}}", "error", "message", msg, "type", type, "param", "code", errcode);
+    json_t *err = json_pack("{s:{s:s, s:s, s:o, s:s}}", "error", "message", msg, "type", type, "param",
+                            param && param[0] ? json_string(param) : json_null(), "code", errcode);
     if (code >= 500)
         log_warn("%d %s %s: %s", code, evhttp_request_get_command(req) == EVHTTP_REQ_GET ? "GET" : "POST",
                  http_path(req), msg);
     http_reply_json(req, code, err);
+}
+
+void http_reply_error(struct evhttp_request *req, int code, const char *type, const char *errcode, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    reply_error_v(req, code, type, errcode, NULL, fmt, ap);
+    va_end(ap);
+}
+
+void http_reply_error_param(struct evhttp_request *req, int code, const char *type, const char *errcode,
+                            const char *param, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    reply_error_v(req, code, type, errcode, param, fmt, ap);
+    va_end(ap);
 }
 
 const char *http_path(struct evhttp_request *req)

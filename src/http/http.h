@@ -21,8 +21,17 @@ struct evhttp *http_server_new(struct event_base *base, const struct config *cfg
                                void (*cb)(struct evhttp_request *, void *), void *arg, int *port,
                                struct evhttp_bound_socket **bound, char *err, size_t errlen);
 
+/* Like http_server_new, for one of several listeners sharing a port (SO_REUSEPORT), one per thread: first
+ * checks that the port is free; the others join it. */
+struct evhttp *http_server_new_shared(struct event_base *base, const struct config *cfg, const char *addr,
+                                      int port_wanted, void (*cb)(struct evhttp_request *, void *), void *arg,
+                                      int *port, struct evhttp_bound_socket **bound, bool first, char *err,
+                                      size_t errlen);
 /* Sends obj as the JSON body (steals the reference). */
 void http_reply_json(struct evhttp_request *req, int code, json_t *obj);
+/* Like http_reply_error, naming the offending parameter. */
+void http_reply_error_param(struct evhttp_request *req, int code, const char *type, const char *errcode,
+                            const char *param, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 /* Sends {"error": {"message", "type", "param": null, "code"}} in OpenAI's shape. */
 void http_reply_error(struct evhttp_request *req, int code, const char *type, const char *errcode, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));

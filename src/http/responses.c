@@ -246,9 +246,7 @@ bool responses_sse(const struct api *api, const struct conv *conv, long turn, co
 
 static void bad(struct evhttp_request *req, const char *param, const char *code, const char *msg)
 {
-    json_t *err = json_pack("{s:{s:s, s:s, s:s, s:s}}", "error", "message", msg, "type", "invalid_request_error",
-                            "param", param, "code", code);
-    http_reply_json(req, 400, err);
+    http_reply_error_param(req, 400, "invalid_request_error", code, param, "%s", msg);
 }
 
 /* The text of a message's content: a string, or the text parts of a list. NULL if it has other parts. */
@@ -401,11 +399,11 @@ static void handle_create(struct api *api, struct evhttp_request *req)
         /* answered */
     } else if (tools && !(json_is_array(tools) && json_array_size(tools) == 0) && !json_is_null(tools)) {
         bad(req, "tools", "unsupported_parameter", "tools are not supported by this server");
-    } else if (json_object_get(root, "previous_response_id") &&
-               !json_is_null(json_object_get(root, "previous_response_id")) &&
-               (!prev || !parse_response_id(prev, conv, sizeof conv, &prev_turn))) {
-        http_reply_error(req, 404, "invalid_request_error", "previous_response_not_found",
-                         "previous_response_id names no response of this server");
+    } else if ((v = json_object_get(root, "previous_response_id")) && !json_is_null(v) && !json_is_string(v)) {
+        bad(req, "previous_response_id", "invalid_type", "'previous_response_id' must be a string");
+    } else if (prev && !parse_response_id(prev, conv, sizeof conv, &prev_turn)) {
+        http_reply_error_param(req, 404, "invalid_request_error", "previous_response_not_found", "previous_response_id",
+                               "no response with id '%.200s'", prev);
     } else if ((norm = normalise_input(req, input, &last_user))) {
         const char *key;
         json_t *mv;
@@ -448,7 +446,7 @@ static void handle_create(struct api *api, struct evhttp_request *req)
                 json_object_set_new(extra, "context_turn", json_integer(prev_turn));
             char *req_json = json_dumps(reqp, JSON_COMPACT);
             char *input_json = json_is_array(input) ? json_dumps(norm, JSON_COMPACT) : NULL;
-            struct turn_meta meta = {req_json, input_json, stream};
+            struct turn_meta meta = {req_json, input_json, stream, prev ? prev_turn : 0};
             struct submit_params p = {
                 .prompt = json_string_value(content),
                 .prompt_len = json_string_length(content),

@@ -42,6 +42,7 @@ struct submit {
     size_t prompt_len;
     char *req_json, *input_json; /* copies of the turn_meta strings */
     bool stream;
+    long prev_turn;
     json_t *msg;    /* the Kafka message being built (without turn) */
     char *idem_key; /* the Redis key of the idempotency claim, or NULL */
 };
@@ -117,8 +118,9 @@ struct load_ctx {
 static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
 {
     struct load_ctx *lc = arg;
-    if (rc == STORE_OK && lc->turn >= 1 && lc->turn <= conv->nturns)
-        http_reply_json(lc->req, 200, response_object(lc->api, conv, lc->turn, &conv->turn[lc->turn]));
+    const struct turn *t = rc == STORE_OK && lc->turn >= 1 && lc->turn <= conv->nturns ? &conv->turn[lc->turn] : NULL;
+    if (t && t->status != TURN_DELETED && t->status != TURN_REJECTED && t->status != TURN_NONE)
+        http_reply_json(lc->req, 200, response_object(lc->api, conv, lc->turn, t));
     else if (rc == STORE_OK || rc == STORE_ENOTFOUND)
         http_reply_error(lc->req, 404, "invalid_request_error", "response_not_found", "the response is gone");
     else
@@ -217,7 +219,16 @@ static void submit_stored_cb(void *arg, int rc, long turn)
 {
     struct submit *sub = arg;
     struct api *api = sub->api;
-    if (rc == STORE_ENOTFOUND) {
+    if ((rc == STORE_ENOTFOUND || rc == STORE_ENOPREV) && sub->mode != SUBMIT_ANSWER) {
+        idem_release(sub);
+        struct evhttp_request *req = submit_take_req(sub);
+        if (req) {
+            char rid[112];
+            response_id(rid, sizeof rid, sub->conv_id, sub->prev_turn);
+            http_reply_error_param(req, 404, "invalid_request_error", "previous_response_not_found",
+                                   "previous_response_id", "no response with id '%s'", rid);
+        }
+    } else if (rc == STORE_ENOTFOUND) {
         char msg[160];
         snprintf(msg, sizeof msg, "no conversation with id '%s'", sub->conv_id);
         submit_fail(sub, 404, "conversation_not_found", msg);
@@ -245,7 +256,7 @@ static void submit_stored_cb(void *arg, int rc, long turn)
 
 static void submit_store(struct submit *sub)
 {
-    struct turn_meta meta = {sub->req_json, sub->input_json, sub->stream};
+    struct turn_meta meta = {sub->req_json, sub->input_json, sub->stream, sub->prev_turn};
     store_submit(sub->api->st, sub->conv_id, sub->prompt, sub->prompt_len, sub->is_new, &meta, submit_stored_cb, sub);
 }
 
@@ -291,10 +302,10 @@ static char *idem_redis_key(struct evhttp_request *req, const char *key, enum su
     uint64_t h = 0xcbf29ce484222325ULL;
     for (const char *p = auth ? auth : ""; *p; p++)
         h = (h ^ (unsigned char)*p) * 0x100000001b3ULL;
-    char buf[512];
-    snprintf(buf, sizeof buf, "asyncllm:idem:%s:%016" PRIx64 ":%s", mode == SUBMIT_ANSWER ? "answer" : "responses", h,
-             key);
-    return xstrdup(buf);
+    size_t n = strlen(key) + 64; /* never truncated: two long keys must not collide */
+    char *buf = xmalloc(n);
+    snprintf(buf, n, "asyncllm:idem:%s:%016" PRIx64 ":%s", mode == SUBMIT_ANSWER ? "answer" : "responses", h, key);
+    return buf;
 }
 
 void submit_start(struct api *api, struct evhttp_request *req, const struct submit_params *p)
@@ -326,6 +337,7 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
         sub->req_json = p->meta->req ? xstrdup(p->meta->req) : NULL;
         sub->input_json = p->meta->input ? xstrdup(p->meta->input) : NULL;
         sub->stream = p->meta->stream;
+        sub->prev_turn = p->meta->prev_turn;
     }
     sub->msg = p->extra ? json_deep_copy(p->extra) : json_object();
     json_object_set_new(sub->msg, "conversation_id", json_string(sub->conv_id));
@@ -334,6 +346,11 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
     struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
     evtimer_add(sub->deadline, &tv);
     api->waiting++;
+    if (p->idem_key && (strlen(p->idem_key) == 0 || strlen(p->idem_key) > 1024)) {
+        submit_fail(sub, 400, "invalid_idempotency_key", "an Idempotency-Key must be 1 to 1024 characters");
+        submit_release(sub); /* the reference meant for the first Redis command */
+        return;
+    }
     if (p->idem_key) {
         /* The claim itself lives only as long as a submit can take, so that a crash between claim and
          * produce does not block the key for a day. */

@@ -236,7 +236,11 @@ static void stream_closed_cb(struct evhttp_connection *evcon, void *arg)
     (void)evcon;
     struct watch *w = arg;
     log_debug("stream of %s turn %ld: client gone", w->conv_id, w->turn);
-    watch_done(w); /* libevent frees the request */
+    /* libevent detaches an unfinished request from a failed connection and leaves it to its owner: ending
+     * the reply frees it. (A request still attached is freed by libevent itself.) */
+    if (w->req && !evhttp_request_get_connection(w->req))
+        evhttp_send_reply_end(w->req);
+    watch_done(w);
 }
 
 static void stream_end(struct watch *w)

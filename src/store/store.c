@@ -40,8 +40,8 @@
     "  redis.call('PUBLISH', '" NOTIFY_CHANNEL "', conv .. ' ' .. n .. ' ' .. what)\n"                                 \
     "end\n"
 
-/* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl.
- * Returns the turn, -1 unknown conversation, -2 id taken. */
+/* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl,
+ * previous turn (0: none). Returns the turn, -1 unknown conversation, -2 id taken, -3 no such previous turn. */
 static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "local n\n"
     "if ARGV[4] == '1' then\n"
@@ -50,6 +50,10 @@ static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "  redis.call('HSET', KEYS[1], 'turns', 1, 'created_at', ARGV[2])\n"
     "else\n"
     "  if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "  if ARGV[11] ~= '0' then\n"
+    "    local ps = redis.call('HGET', KEYS[1], 't' .. ARGV[11] .. '.status')\n"
+    "    if not ps or ps == 'deleted' or ps == 'rejected' then return -3 end\n"
+    "  end\n"
     "  n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
     "end\n"
     "local p = 't' .. n .. '.'\n"
@@ -639,6 +643,8 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
             op->cb.submit(op->arg, STORE_ENOTFOUND, 0);
         else if (reply->integer == -2)
             op->cb.submit(op->arg, STORE_EEXISTS, 0);
+        else if (reply->integer == -3)
+            op->cb.submit(op->arg, STORE_ENOPREV, 0);
         else
             op->cb.submit(op->arg, STORE_OK, (long)reply->integer);
         break;
@@ -773,6 +779,8 @@ void store_submit(struct store *st, const char *conv_id, const char *prompt, siz
     KEYBUF(key, conv_id);
     struct nums n;
     nums_fill(&n, st, 0);
+    char prev[24];
+    snprintf(prev, sizeof prev, "%ld", meta && meta->prev_turn > 0 ? meta->prev_turn : 0L);
     const char *argv[] = {key,
                           prompt,
                           n.now,
@@ -783,8 +791,9 @@ void store_submit(struct store *st, const char *conv_id, const char *prompt, siz
                           meta && meta->stream ? "1" : "0",
                           conv_id,
                           n.maxlen,
-                          n.evttl};
-    size_t lens[] = {NOLEN, prompt_len, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN};
+                          n.evttl,
+                          prev};
+    size_t lens[] = {NOLEN, prompt_len, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN};
     struct op *op = op_new(OP_SUBMIT, conv_id, arg);
     op->cb.submit = cb;
     EVAL(st, op, LUA_SUBMIT, 1, argv, lens);

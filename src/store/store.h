@@ -24,6 +24,7 @@ enum store_rc {
     STORE_EEXISTS = -2,      /* a new conversation's id is taken (practically impossible with 132 random bits) */
     STORE_EUNAVAILABLE = -3, /* Redis down, command timed out, or an unexpected reply */
     STORE_ECONFLICT = -4,    /* the turn is in a state that forbids the operation (cancel a finished turn) */
+    STORE_ENOPREV = -5,      /* the turn named as the previous one does not exist (or was deleted) */
 };
 
 enum turn_status {
@@ -78,6 +79,7 @@ struct turn_meta {
     const char *req;   /* JSON object: the request's parameters, echoed in the Response object */
     const char *input; /* JSON array: the turn's input messages, when the client sent a list */
     bool stream;       /* keep an event stream for live streaming (created with a "q" event) */
+    long prev_turn;    /* the turn continued (previous_response_id): must exist, else STORE_ENOPREV */
 };
 
 /* An entry of a turn's event stream: kind 'q' queued (by the API), 's' started (the worker began the LLM call),
