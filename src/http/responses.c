@@ -150,11 +150,19 @@ static json_t *response_object_at(const struct api *api, const struct conv *conv
                         stage == STAGE_NOW && turn_status_final(t->status) && t->completed_at
                             ? json_integer(t->completed_at / 1000)
                             : json_null());
-    /* Results expire with their conversation: conversation-ttl-s after its last change. */
+    /* Results expire with their conversation: conversation-ttl-s after its last change. The snapshots inside
+     * stream events count from the moment they describe (queued, started, finished), so that a replayed
+     * stream is the same, byte for byte, on every read. */
+    int64_t since = conv->updated_at;
+    if (stage == STAGE_QUEUED)
+        since = t->submitted_at;
+    else if (stage == STAGE_IN_PROGRESS)
+        since = t->started_at ? t->started_at : t->submitted_at;
+    else if (turn_status_final(t->status) && t->completed_at)
+        since = t->completed_at;
     json_object_set_new(r, "expires_at",
-                        api->cfg->conversation_ttl_s > 0
-                            ? json_integer(conv->updated_at / 1000 + api->cfg->conversation_ttl_s)
-                            : json_null());
+                        api->cfg->conversation_ttl_s > 0 ? json_integer(since / 1000 + api->cfg->conversation_ttl_s)
+                                                         : json_null());
     json_object_set_new(r, "parallel_tool_calls", json_true());
     json_object_set_new(r, "tool_choice", json_string("auto"));
     json_object_set_new(r, "tools", json_array());
