@@ -364,7 +364,8 @@ def build(res, plots_rel):
           "(with acks=all on one broker, when it acknowledged it). With the worker idle and assigned, prompts are "
           "produced live at a fixed rate (75%% of the in-flight bound, at most 75%% of the throughput measured "
           "above) for %s s; added latency = response's broker timestamp − prompt's broker timestamp − the LLM's "
-          "fixed latency, over all prompts but the first 10%%." % fnum(p["live_dur"]))
+          "fixed latency, over all prompts but the first 10%%. The prompts are produced live rather than preloaded "
+          "because a preloaded prompt's timestamp would also count the time it waited in the backlog." % fnum(p["live_dur"]))
         w("")
         w("| LLM latency | in flight | rate/s | samples | p50 ms | p90 ms | p99 ms | max ms |")
         w("|---|---|---|---|---|---|---|---|")
@@ -419,7 +420,7 @@ def build(res, plots_rel):
 
     w("## Method and reproduction")
     w("")
-    w("```sh\nmake bench            # bench/run.sh: about 25 minutes\nmake bench-smoke      # bench/run.sh --smoke: "
+    w("```sh\nmake bench            # bench/run.sh: about 20 minutes\nmake bench-smoke      # bench/run.sh --smoke: "
       "every step for a second or two, no assertions on the figures\n```")
     w("")
     w("- Everything runs on loopback on this machine: the bench's own Kafka (KRaft) and redis-server "

@@ -7,7 +7,7 @@
 # own Kafka (KRaft, acks=all) and redis-server on ports below 32768, runs bench/bench.py (nginx, asyncllm api
 # and worker, the fake LLM, the load generator), then:
 #   full:  writes bench/results/<UTC time>.json and regenerates docs/PERFORMANCE.md and its plots
-#          (bench/results/*.png). Takes about 25 minutes.
+#          (bench/results/*.png). Takes about 20 minutes.
 #   smoke: writes everything into a scratch directory (deleted afterwards unless BENCH_KEEP=1), checks that
 #          every step produced figures, and asserts nothing about performance.
 # The stack's data is deleted at the end (BENCH_KEEP=1 keeps the stack running and the scratch directory).
