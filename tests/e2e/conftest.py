@@ -495,8 +495,15 @@ class AsyncLLM:
         return self.post("/answer", body)
 
     def submit(self, prompt, conversation_id=None, method="POST"):
-        """Submits and asserts 202; returns the body."""
-        r = (self.submit_post if method == "POST" else self.submit_get)(prompt, conversation_id)
+        """Submits and asserts 202; returns the body. A 503 is retried after its Retry-After, as a client
+        should: the API answers 503 whenever it cannot prove the prompt is in Kafka (for instance a delivery
+        report without an offset, which librdkafka 2.0.2 gives for "implicitly acknowledged" messages of a
+        freshly created partition under load)."""
+        for _ in range(5):
+            r = (self.submit_post if method == "POST" else self.submit_get)(prompt, conversation_id)
+            if r.status != 503:
+                break
+            time.sleep(float(r.headers.get("retry-after", "1") or 1))
         assert r.status == 202, f"submit {prompt!r} ({method}): expected 202, got {r!r}"
         body = r.json()
         if conversation_id is not None:
