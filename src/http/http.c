@@ -115,6 +115,16 @@ struct evhttp *http_server_new_shared(struct event_base *base, const struct conf
     return server_new(base, cfg, addr, port_wanted, cb, arg, port, bound, first ? 1 : 2, err, errlen);
 }
 
+void http_reply_static(struct evhttp_request *req, int code, const char *json)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(req);
+    evbuffer_add_reference(out, json, strlen(json), NULL, NULL);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evhttp_add_header(h, "Cache-Control", "no-store");
+    evhttp_send_reply(req, code, NULL, NULL);
+}
+
 static void reply_error_v(struct evhttp_request *req, int code, const char *type, const char *errcode,
                           const char *param, const char *fmt, va_list ap)
 {

@@ -29,6 +29,8 @@ struct evhttp *http_server_new_shared(struct event_base *base, const struct conf
                                       size_t errlen);
 /* Sends obj as the JSON body (steals the reference). */
 void http_reply_json(struct evhttp_request *req, int code, json_t *obj);
+/* Sends a constant JSON body (no copy, no JSON encoding): the cheapest answer, for health checks. */
+void http_reply_static(struct evhttp_request *req, int code, const char *json);
 /* Like http_reply_error, naming the offending parameter. */
 void http_reply_error_param(struct evhttp_request *req, int code, const char *type, const char *errcode,
                             const char *param, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
