@@ -19,7 +19,7 @@ HDR     := $(wildcard src/*/*.h)
 UNIT    := $(wildcard tests/unit/test_*.c)
 FAKE    := tests/fakellm/fakellm.c
 
-.PHONY: all asan deps docs model run test unit e2e chaos chaos-short format lint clean stack-up stack-down bench
+.PHONY: all asan deps docs model run test unit e2e chaos chaos-short format lint clean stack-up stack-down bench bench-smoke
 all: build/asyncllm build/fakellm
 
 build/asyncllm: $(SRC) $(HDR) | build
@@ -68,7 +68,15 @@ chaos: asan build/fakellm
 chaos-short: asan build/fakellm
 	@scripts/chaos.sh --short
 
-test: deps lint unit e2e chaos-short
+# Benchmarks against the real local stack (bench/run.sh; figures in docs/PERFORMANCE.md). make test runs
+# the smoke: every step for a few seconds, to keep the harness working (it asserts no performance).
+bench:
+	@bench/run.sh
+
+bench-smoke:
+	@bench/run.sh --smoke
+
+test: deps lint unit e2e chaos-short bench-smoke
 
 format:
 	clang-format -i $(SRC) $(HDR) $(UNIT) $(FAKE)

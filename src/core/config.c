@@ -49,7 +49,7 @@ static const struct cfg_entry entries[] = {
     S("redis-host", redis_host, "127.0.0.1", "Redis host"),
     I("redis-port", redis_port, 1, 65535, "6379", "Redis port"),
     S("redis-password", redis_password, "", "Redis password (AUTH), empty for none"),
-    I("redis-timeout-ms", redis_timeout_ms, 10, 600000, "2000", "deadline of one Redis command"),
+    I("redis-timeout-ms", redis_timeout_ms, 10, 600000, "5000", "deadline of one Redis command"),
     I("conversation-ttl-s", conversation_ttl_s, 0, 315360000, "86400",
       "seconds a conversation is kept in Redis after its last change (0: forever)"),
     I("stream-max-events", stream_max_events, 16, 100000000, "10000",

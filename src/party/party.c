@@ -53,6 +53,7 @@ struct party {
     struct item *wait_head, *wait_tail; /* ready to run, waiting for room */
     long running, buffered;
     bool paused, draining;
+    bool starting; /* inside start_waiting() */
     struct event *commit_timer, *grace_timer;
     void (*on_drained)(void *);
     void *drained_arg;
@@ -141,8 +142,12 @@ static void start(struct item *it)
     p->wait_tail = it;
 }
 
+/* Guarded like the worker's slot_release(): a message finished at once starts the next from inside this loop. */
 static void start_waiting(struct party *p)
 {
+    if (p->starting)
+        return;
+    p->starting = true;
     while (p->wait_head && p->running < p->o.max_in_flight && !p->draining) {
         struct item *it = p->wait_head;
         p->wait_head = it->wnext;
@@ -150,6 +155,7 @@ static void start_waiting(struct party *p)
             p->wait_tail = NULL;
         run(it);
     }
+    p->starting = false;
 }
 
 static void check_drained(struct party *p)

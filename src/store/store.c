@@ -17,6 +17,8 @@
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <openssl/sha.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -201,6 +203,44 @@ static const char LUA_MARKER_SET[] = "if tonumber(ARGV[1]) > 0 then redis.call('
                                      "return 1\n";
 static const char LUA_MARKER_TEST[] = "return redis.call('EXISTS', KEYS[1])\n";
 
+/* The scripts are loaded on every (re)connection (SCRIPT LOAD, pipelined before any other command) and run by
+ * their SHA-1 (EVALSHA): Redis then neither receives nor hashes a script's text on every call. */
+static struct script {
+    const char *text;
+    size_t len;
+    char sha[41];
+} scripts[] = {
+#define SCRIPT(x)                                                                                                      \
+    {                                                                                                                  \
+        x, sizeof x - 1, ""                                                                                            \
+    }
+    SCRIPT(LUA_SUBMIT),     SCRIPT(LUA_REJECT),      SCRIPT(LUA_BEGIN),      SCRIPT(LUA_FINISH),
+    SCRIPT(LUA_PUBLISHED),  SCRIPT(LUA_CANCEL),      SCRIPT(LUA_DELETE),     SCRIPT(LUA_EVENTS),
+    SCRIPT(LUA_EVENT),      SCRIPT(LUA_IDEM),        SCRIPT(LUA_MODERATION), SCRIPT(LUA_MODERATION_PUBLISHED),
+    SCRIPT(LUA_MARKER_SET), SCRIPT(LUA_MARKER_TEST),
+#undef SCRIPT
+};
+static pthread_once_t scripts_once = PTHREAD_ONCE_INIT;
+
+static void scripts_hash(void)
+{
+    for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++) {
+        unsigned char md[SHA_DIGEST_LENGTH];
+        SHA1((const unsigned char *)scripts[i].text, scripts[i].len, md);
+        for (int k = 0; k < SHA_DIGEST_LENGTH; k++)
+            snprintf(scripts[i].sha + 2 * k, 3, "%02x", md[k]);
+    }
+}
+
+/* The SHA-1 of one of our scripts, or NULL for a text that is not one (it is then sent whole, with EVAL). */
+static const char *script_sha(const char *text)
+{
+    for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
+        if (scripts[i].text == text)
+            return scripts[i].sha;
+    return NULL;
+}
+
 enum op_kind {
     OP_SUBMIT,
     OP_REJECT,
@@ -347,6 +387,15 @@ static void reconnect_cb(evutil_socket_t fd, short what, void *arg)
     store_connect(arg);
 }
 
+static void script_load_cb(redisAsyncContext *ac, void *r, void *privdata)
+{
+    (void)ac;
+    (void)privdata;
+    redisReply *reply = r;
+    if (reply && reply->type == REDIS_REPLY_ERROR)
+        log_error("redis: SCRIPT LOAD failed: %s", reply->str);
+}
+
 static void auth_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
     (void)ac;
@@ -373,10 +422,16 @@ static void store_connect(struct store *st)
     st->ac = ac;
     if (st->cfg->redis_password[0])
         redisAsyncCommand(ac, auth_cb, NULL, "AUTH %s", st->cfg->redis_password);
+    for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++) {
+        const char *argv[] = {"SCRIPT", "LOAD", scripts[i].text};
+        size_t lens[] = {6, 4, scripts[i].len};
+        redisAsyncCommandArgv(ac, script_load_cb, NULL, 3, argv, lens);
+    }
 }
 
 struct store *store_new(struct event_base *base, const struct config *cfg)
 {
+    pthread_once(&scripts_once, scripts_hash);
     struct store *st = xcalloc(1, sizeof *st);
     st->base = base;
     st->cfg = cfg;
@@ -756,10 +811,11 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
     size_t l[24];
     char nk[8];
     snprintf(nk, sizeof nk, "%d", nkeys);
-    a[0] = "EVAL";
-    l[0] = 4;
-    a[1] = script;
-    l[1] = script_len;
+    const char *sha = script_sha(script);
+    a[0] = sha ? "EVALSHA" : "EVAL";
+    l[0] = strlen(a[0]);
+    a[1] = sha ? sha : script;
+    l[1] = sha ? 40 : script_len;
     a[2] = nk;
     l[2] = strlen(nk);
     for (int i = 0; i < argc && i < 21; i++) {

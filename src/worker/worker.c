@@ -128,6 +128,7 @@ struct worker {
     long active;      /* jobs past READY and not done */
     bool paused;
     bool draining;
+    bool releasing; /* inside slot_release() */
     struct event *commit_timer;
     struct event *grace_timer;
     struct event *revoke_timer;
@@ -334,9 +335,14 @@ static void slot_acquire(struct job *job)
     w->ready_tail = job;
 }
 
-/* Starts the jobs waiting for a slot, in order, while there is room. */
+/* Starts the jobs waiting for a slot, in order, while there is room. A job can fail at once (Redis down: the
+ * store answers synchronously) and give its slot back, which calls this again: the guard keeps that a loop
+ * here instead of a recursion as deep as the queue (16,384 jobs overflowed the stack). */
 static void slot_release(struct worker *w)
 {
+    if (w->releasing)
+        return;
+    w->releasing = true;
     while (w->ready_head && w->in_flight < w->cfg->max_in_flight && !w->draining) {
         struct job *job = w->ready_head;
         if ((job->ep = llm_reserve(w->llm)) < 0)
@@ -346,6 +352,7 @@ static void slot_release(struct worker *w)
         job->has_slot = true;
         job_step_run(job);
     }
+    w->releasing = false;
 }
 
 static void job_drop_slot(struct job *job)
