@@ -58,6 +58,20 @@ static const char usage_tail[] =
 
 static struct config cfg;
 
+/* An API thread's event loop. With epoll, the changelist batches the changes made to a descriptor's events during one
+ * loop iteration into one epoll_ctl call: evhttp enables and disables a connection's read and write events
+ * several times per request (about 4 epoll_ctl calls per /healthz without it). Measured in bench/ANALYSIS.md:
+ * 18.2 -> 15.0 us of CPU per /healthz. Only for the API: libevent warns that the changelist can be confused
+ * by descriptors closed and reused within one iteration, which libcurl does on the worker's loop. */
+static struct event_base *loop_new(void)
+{
+    struct event_config *ec = event_config_new();
+    event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    struct event_base *base = event_base_new_with_config(ec);
+    event_config_free(ec);
+    return base ? base : event_base_new();
+}
+
 /* ---------------------------------------------------------------- API role */
 
 /* One API instance on its own thread and loop. The main thread asks it to stop by writing a byte to its pipe. */
@@ -116,7 +130,7 @@ static int api_role_init(struct api_role *r, int port)
     char err[512];
     memset(r, 0, sizeof *r);
     r->stop_fd[0] = r->stop_fd[1] = -1;
-    r->base = event_base_new();
+    r->base = loop_new();
     r->api = api_new(r->base, &cfg, port, err, sizeof err);
     if (!r->api) {
         log_error("api: %s", err);
