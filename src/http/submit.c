@@ -310,6 +310,11 @@ static char *idem_redis_key(struct evhttp_request *req, const char *key, enum su
 
 void submit_start(struct api *api, struct evhttp_request *req, const struct submit_params *p)
 {
+    if (p->idem_key && (strlen(p->idem_key) == 0 || strlen(p->idem_key) > 1024)) {
+        http_reply_error(req, 400, "invalid_request_error", "invalid_idempotency_key",
+                         "an Idempotency-Key must be 1 to 1024 characters");
+        return;
+    }
     if (!store_connected(api->st)) {
         api_reply_unavailable(api, req, "the conversation store (Redis) is unavailable");
         return;
@@ -346,11 +351,6 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
     struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
     evtimer_add(sub->deadline, &tv);
     api->waiting++;
-    if (p->idem_key && (strlen(p->idem_key) == 0 || strlen(p->idem_key) > 1024)) {
-        submit_fail(sub, 400, "invalid_idempotency_key", "an Idempotency-Key must be 1 to 1024 characters");
-        submit_release(sub); /* the reference meant for the first Redis command */
-        return;
-    }
     if (p->idem_key) {
         /* The claim itself lives only as long as a submit can take, so that a crash between claim and
          * produce does not block the key for a day. */
