@@ -106,7 +106,10 @@ def test_every_prompt_completes_or_fails_clearly(node, fakellm, redis, kafka, cl
     for p in sure_fail + [prompts[mixed_cid][0]]:
         cid, n = by_prompt[p]
         assert turns[cid][n]["status"] == "failed", turns[cid][n]
-    assert turns[mixed_cid][2]["status"] == "complete", turns[mixed_cid]
+    # Turn 2 runs despite the failed turn 1 (it is not blocked behind it). It meets the same random faults as
+    # every prompt here (35% per call), so it may itself fail after MAX_ATTEMPTS (about 1.5% of runs): what
+    # matters is that it reached a final state; the LLM's view below checks it did not carry turn 1.
+    assert turns[mixed_cid][2]["status"] in ("complete", "failed"), turns[mixed_cid]
 
     # /polling shows a failed latest turn with its error.
     for cid, b in bodies.items():
