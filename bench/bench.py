@@ -218,7 +218,13 @@ def percentile(sorted_xs, p):
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.p = SMOKE if args.smoke else FULL
+        self.p = dict(SMOKE if args.smoke else FULL)
+        # BENCH_WORKER=1000:4096,100:256 narrows the worker step to those (latency, in-flight) pairs
+        if args.worker:
+            pairs = [tuple(int(x) for x in pr.split(":")) for pr in args.worker.split(",")]
+            self.p["worker_latencies"] = sorted({lat for lat, _ in pairs})
+            self.p["worker_inflight"] = sorted({f for _, f in pairs})
+            self.p["worker_pairs"] = pairs
         self.bin = args.bin
         self.work = args.work
         os.makedirs(self.work, exist_ok=True)
@@ -697,6 +703,8 @@ class Bench:
         self.res["worker"] = out
         for lat in p["worker_latencies"]:
             for f in p["worker_inflight"]:
+                if "worker_pairs" in p and (lat, f) not in p["worker_pairs"]:
+                    continue
                 reps = p["key_reps"] if (lat, f) == tuple(p["key_config"]) else 1
                 runs = []
                 for rep in range(reps):
@@ -849,13 +857,18 @@ class Bench:
                 log("== 2. latency at fixed offered rates (open loop)")
                 self.open_loop(paths)
 
-            step("http", http_steps)
-            log("== 3. worker")
-            step("worker", self.worker_all)
-            log("== 4. memory")
-            step("memory", self.memory)
-            log("== 5. CPU per 1,000 prompts")
-            step("cpu", self.cpu)
+            only = set(self.args.only.split(",")) if self.args.only else None
+            if only is None or "http" in only:
+                step("http", http_steps)
+            if only is None or "worker" in only:
+                log("== 3. worker")
+                step("worker", self.worker_all)
+            if only is None or "memory" in only:
+                log("== 4. memory")
+                step("memory", self.memory)
+            if only is None or "cpu" in only:
+                log("== 5. CPU per 1,000 prompts")
+                step("cpu", self.cpu)
         finally:
             self.procs.stop_all()
         with open("/proc/loadavg") as f:
@@ -878,6 +891,8 @@ def main():
     ap.add_argument("--redis-port", type=int, required=True)
     ap.add_argument("--stack-dir", required=True)
     ap.add_argument("--port-base", type=int, required=True)
+    ap.add_argument("--only", default="", help="comma-separated steps to run: http,worker,memory,cpu (default all)")
+    ap.add_argument("--worker", default="", help="worker (latency ms:in-flight) pairs, e.g. 1000:4096,100:256")
     args = ap.parse_args()
     args.bin = {"asyncllm": args.asyncllm, "fakellm": args.fakellm, "loadgen": args.loadgen, "kbench": args.kbench}
     b = Bench(args)

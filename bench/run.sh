@@ -18,6 +18,10 @@
 #                              14000: Kafka +92 (controller +93), Redis +390, api +80, nginx +81 and +82, fake
 #                              LLM +89, worker metrics +64; all below the kernel's ephemeral ports (32768)
 #   BENCH_ASYNCLLM, BENCH_FAKELLM   binaries to measure (default: `make build/asyncllm build/fakellm`)
+#   BENCH_ONLY                 a partial run for experiments: the steps to run, comma-separated, among http,
+#                              worker, memory, cpu. The results go to the scratch directory (printed), not to
+#                              bench/results/, and docs/PERFORMANCE.md is left alone.
+#   BENCH_WORKER               the worker step's (LLM latency ms:in-flight) pairs, e.g. 1000:4096,100:1024
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -127,7 +131,9 @@ trap 'exit 143' TERM
 "$REPO/scripts/stack.sh" reset >/dev/null 2>&1 || true
 "$REPO/scripts/stack.sh" up >/dev/null
 
-if ((SMOKE)); then
+PARTIAL=0
+[[ -n "${BENCH_ONLY:-}${BENCH_WORKER:-}" ]] && ((!SMOKE)) && PARTIAL=1
+if ((SMOKE || PARTIAL)); then
   OUT="$WORK/results.json"
   DOC="$WORK/PERFORMANCE.md"
   PLOTS="$WORK"
@@ -141,7 +147,13 @@ fi
 args=(--work "$WORK" --out "$OUT" --asyncllm "$ASYNCLLM" --fakellm "$FAKELLM" --loadgen "$BIN/loadgen"
   --kbench "$BIN/kbench" --kafka-port "$KPORT" --redis-port "$RPORT" --stack-dir "$STACK_DIR" --port-base "$PBASE")
 ((SMOKE)) && args+=(--smoke)
+[[ -n "${BENCH_ONLY:-}" ]] && args+=(--only "$BENCH_ONLY")
+[[ -n "${BENCH_WORKER:-}" ]] && args+=(--worker "$BENCH_WORKER")
 python3 "$BENCH_DIR/bench.py" "${args[@]}"
+if ((PARTIAL)); then
+  log "partial run: results in $OUT (bench/results/ and docs/PERFORMANCE.md left alone)"
+  exit 0
+fi
 rargs=(--results "$OUT" --doc "$DOC" --plots "$PLOTS")
 ((SMOKE)) && rargs+=(--check)
 python3 "$BENCH_DIR/report.py" "${rargs[@]}"
