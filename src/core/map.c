@@ -125,3 +125,12 @@ size_t map_count(const struct map *m)
 {
     return m->count;
 }
+
+size_t map_values(const struct map *m, void **out, size_t max)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < m->nbuckets && n < max; i++)
+        for (struct entry *e = m->buckets[i]; e && n < max; e = e->next)
+            out[n++] = e->value;
+    return n;
+}

@@ -17,5 +17,8 @@ void *map_put(struct map *m, const char *key, void *value);
 /* Removes and returns the value, or NULL. */
 void *map_del(struct map *m, const char *key);
 size_t map_count(const struct map *m);
+/* Copies up to max values into out (in no particular order) and returns how many: a snapshot, so that the
+ * caller may change the map while it goes through them. */
+size_t map_values(const struct map *m, void **out, size_t max);
 
 #endif

@@ -3,8 +3,9 @@
  *
  * No thread and no busy loop per waiting client: each waiter is a small struct on two lists (its
  * conversation's, in api->watches, and api->watch_all). The store's scripts publish a notification on every
- * change (store/notify.h); the API's subscriber wakes the waiters of that conversation, which re-read Redis and
- * answer (or send the new events) if there is something new. Because pub/sub may drop a message while its
+ * change (store/notify.h) on the conversation's channel, which the API subscribes to while someone waits on
+ * that conversation; its subscriber wakes the waiters, which re-read Redis and answer (or send the new events)
+ * if there is something new. Because pub/sub may drop a message while its
  * connection is down, a 5 s timer also wakes every waiter.
  *
  * Lifetimes. A waiter holds its request until it answers. A stream that started its reply is tied to its
@@ -72,6 +73,7 @@ static void watch_link(struct watch *w)
         l = xcalloc(1, sizeof *l);
         snprintf(l->conv_id, sizeof l->conv_id, "%s", w->conv_id);
         map_put(api->watches, l->conv_id, l);
+        notify_watch(api->notify, l->conv_id);
     }
     w->list = l;
     w->next = l->head;
@@ -96,6 +98,7 @@ static void watch_unlink(struct watch *w)
     if (w->next)
         w->next->prev = w->prev;
     if (!l->head) {
+        notify_unwatch(w->api->notify, l->conv_id);
         map_del(w->api->watches, l->conv_id);
         free(l);
     }
@@ -368,15 +371,14 @@ static void wake_all(struct api *api)
 
 static void on_notify(void *arg, const char *conv_id, long turn, const char *what)
 {
-    (void)turn;
-    (void)what;
     struct api *api = arg;
     struct watch_list *l = map_get(api->watches, conv_id);
     if (!l)
         return;
+    bool all = strcmp(what, "subscribed") == 0; /* the subscription is active: re-read, in case */
     for (struct watch *w = l->head, *next; w; w = next) {
         next = w->next;
-        if (w->kind == W_POLL || w->turn == turn)
+        if (all || w->kind == W_POLL || w->turn == turn)
             wake(w);
     }
 }
@@ -397,7 +399,7 @@ void watch_init(struct api *api)
 {
     api->watches = map_new();
     static const struct notify_hooks hooks = {on_notify, on_reconnect};
-    api->notify = notify_new(api->base, api->cfg, &hooks, api);
+    api->notify = notify_new(api->base, api->cfg, &hooks, api, false);
     api->watch_timer = event_new(api->base, -1, EV_PERSIST, safety_cb, api);
     struct timeval tv = {SAFETY_WAKE_S, 0};
     evtimer_add(api->watch_timer, &tv);

@@ -26,7 +26,8 @@
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
 
-/* Every script that changes a turn notifies NOTIFY_CHANNEL with "<conversation> <turn> <what>" (notify.h), and
+/* Every script that changes a turn notifies the conversation's channel (NOTIFY_CHANNEL_PREFIX + id, and cancels
+ * NOTIFY_CANCEL_CHANNEL too) with "<conversation> <turn> <what>" (notify.h), and
  * a turn with an event stream gets its events in asyncllm:ev:<conversation>:<turn> (ids 0-1, 0-2, ...: the
  * position is the id's sequence part). Scripts build that key themselves, so this store needs a single Redis,
  * not a cluster. The common ARGV tail of the scripts that touch events: conversation id, stream max length,
@@ -39,7 +40,9 @@
     "  redis.call('EXPIRE', ek, ttl)\n"                                                                                \
     "end\n"                                                                                                            \
     "local function notify(conv, n, what)\n"                                                                           \
-    "  redis.call('PUBLISH', '" NOTIFY_CHANNEL "', conv .. ' ' .. n .. ' ' .. what)\n"                                 \
+    "  local m = conv .. ' ' .. n .. ' ' .. what\n"                                                                    \
+    "  redis.call('PUBLISH', '" NOTIFY_CHANNEL_PREFIX "' .. conv, m)\n"                                                \
+    "  if what == 'cancel' then redis.call('PUBLISH', '" NOTIFY_CANCEL_CHANNEL "', m) end\n"                           \
     "end\n"
 
 /* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl,
@@ -69,7 +72,7 @@ static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "  ev(ARGV[8], n, 'q', nil, ARGV[9], ARGV[10])\n"
     "end\n"
     "if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
-    "notify(ARGV[8], n, 'status')\n"
+    "if ARGV[4] ~= '1' then notify(ARGV[8], n, 'status') end\n" /* nobody can wait on a new conversation yet */
     "return n\n";
 
 /* A turn whose produce failed. ARGV: turn, is_new. */

@@ -1326,7 +1326,7 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     w->llm = llm_new(base, cfg);
     w->running = map_new();
     static const struct notify_hooks nhooks = {on_notify, NULL};
-    w->notify = notify_new(base, cfg, &nhooks, w);
+    w->notify = notify_new(base, cfg, &nhooks, w, true);
     static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
     w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, "earliest", &hooks, w, err, errlen);
     if (!w->kc)

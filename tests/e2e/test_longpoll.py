@@ -111,6 +111,30 @@ def test_long_poll_returns_right_after_completion(api, worker, fakellm, redis):
     assert max(gaps) < 1000, f"a long poll returned {max(gaps):.0f} ms after completion: {gaps}"
 
 
+def test_the_api_listens_to_a_conversation_only_while_someone_waits(api, worker, redis):
+    """Notifications go to the conversation's own channel (asyncllm:notify:<id>): the API subscribes to it
+    when a client starts waiting and unsubscribes when the last one is answered, so that no process reads the
+    changes of conversations nobody waits on. Two waiters on one conversation share one subscription."""
+    def subscribers(cid):
+        return redis.command("PUBSUB", "NUMSUB", f"asyncllm:notify:{cid}")[1]
+
+    prompt = unique("subscribed while waited on") + " [[latency=2500]]"
+    cid = submit(api, prompt)
+    assert subscribers(cid) == 0
+    with ThreadPoolExecutor(2) as ex:
+        polls = [ex.submit(long_poll, api, cid, 30) for _ in range(2)]
+        wait_for(lambda: subscribers(cid) == 1, 10, "the API to subscribe to the conversation's channel")
+        for f in polls:
+            r, took, _ = f.result()
+            assert r.status == 200 and r.json()["status"] == "complete", r
+    wait_for(lambda: subscribers(cid) == 0, 10, "the API to unsubscribe once nobody waits")
+    # and again: a new wait on the same conversation subscribes again (an answered turn returns at once)
+    cid2 = submit(api, unique("second subscription") + " [[latency=1500]]")
+    r, _, _ = long_poll(api, cid2, 30)
+    assert r.json()["status"] == "complete", r
+    wait_for(lambda: subscribers(cid2) == 0, 10, "the API to unsubscribe once nobody waits")
+
+
 def test_wait_on_finished_conversation_returns_at_once(api, worker):
     prompt = unique("done already")
     cid = submit(api, prompt)
