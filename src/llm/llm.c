@@ -10,12 +10,19 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <event2/event.h>
+#include <event2/event_struct.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
 
 #define MAX_ENDPOINTS 16
+/* Calls per curl multi handle. libcurl 7.88 looks for a reusable connection by walking every connection of the
+ * host's bundle in the multi's connection cache (url.c ConnectionExists), busy ones included, so each new call
+ * costs O(connections). Spreading the calls over several multi handles, each with its own cache, bounds that
+ * walk by this number. */
+#define CALLS_PER_SHARD 128
+#define MAX_SHARDS 128
 
 /* One base URL and the calls in flight to it. */
 struct endpoint {
@@ -23,20 +30,31 @@ struct endpoint {
     long reserved;   /* reservations held (see llm_reserve) */
 };
 
+/* One curl multi handle, its connection cache and its timer; all shards run on the same loop. */
+struct shard {
+    struct llm *llm;
+    CURLM *multi;
+    struct event *timer;
+    int in_flight;
+};
+
 struct llm {
     struct event_base *base;
     struct endpoint ep[MAX_ENDPOINTS];
     int nep;
     const struct config *cfg;
-    CURLM *multi;
-    struct event *timer;
+    struct shard *shards;
+    int nshards;
     struct curl_slist *headers;
     struct llm_call *calls; /* every call in flight, so that llm_free() can cancel them */
     int in_flight;
+    CURL **idle; /* easy handles kept for reuse (reset), so a call does not allocate one */
+    int nidle, idle_cap;
 };
 
 struct llm_call {
     struct llm *llm;
+    struct shard *shard;
     struct endpoint *ep;
     struct llm_call *prev, *next;
     CURL *eh;
@@ -56,10 +74,10 @@ struct llm_call {
 
 /* The event watching one socket for curl; hung on the socket with curl_multi_assign. */
 struct sock {
-    struct event *ev;
+    struct event ev;
 };
 
-static void check_done(struct llm *llm);
+static void check_done(struct shard *sh);
 
 /* True for addresses a webhook must not reach: loopback, private (RFC 1918, ULA), link-local, CGNAT, unspecified,
  * multicast and broadcast, and IPv4-mapped IPv6 forms of those. */
@@ -106,68 +124,75 @@ static void call_free(struct llm_call *call)
         call->llm->calls = call->next;
     if (call->next)
         call->next->prev = call->prev;
-    curl_multi_remove_handle(call->llm->multi, call->eh);
-    curl_easy_cleanup(call->eh);
+    struct llm *llm = call->llm;
+    curl_multi_remove_handle(call->shard->multi, call->eh);
+    if (llm->nidle < llm->idle_cap) {
+        curl_easy_reset(call->eh); /* keeps its buffers; forgets every option, this call's pointers included */
+        llm->idle[llm->nidle++] = call->eh;
+    } else {
+        curl_easy_cleanup(call->eh);
+    }
     curl_slist_free_all(call->headers);
     buf_free(&call->body);
-    call->llm->in_flight--;
+    call->shard->in_flight--;
+    llm->in_flight--;
     free(call);
 }
 
 static void event_cb(evutil_socket_t fd, short what, void *arg)
 {
-    struct llm *llm = arg;
+    struct shard *sh = arg;
     int running;
     int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
-    curl_multi_socket_action(llm->multi, fd, action, &running);
-    check_done(llm);
+    curl_multi_socket_action(sh->multi, fd, action, &running);
+    check_done(sh);
 }
 
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    struct llm *llm = arg;
+    struct shard *sh = arg;
     int running;
-    curl_multi_socket_action(llm->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    check_done(llm);
+    curl_multi_socket_action(sh->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_done(sh);
 }
 
 static int socket_cb(CURL *eh, curl_socket_t s, int what, void *userp, void *socketp)
 {
     (void)eh;
-    struct llm *llm = userp;
+    struct shard *sh = userp;
     struct sock *sk = socketp;
     if (what == CURL_POLL_REMOVE) {
         if (sk) {
-            event_free(sk->ev);
+            event_del(&sk->ev);
             free(sk);
-            curl_multi_assign(llm->multi, s, NULL);
+            curl_multi_assign(sh->multi, s, NULL);
         }
         return 0;
     }
     short kind = EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0) | ((what & CURL_POLL_OUT) ? EV_WRITE : 0);
     if (!sk) {
         sk = xcalloc(1, sizeof *sk);
-        curl_multi_assign(llm->multi, s, sk);
+        curl_multi_assign(sh->multi, s, sk);
     } else {
-        event_free(sk->ev);
+        event_del(&sk->ev);
     }
-    sk->ev = event_new(llm->base, s, kind, event_cb, llm);
-    event_add(sk->ev, NULL);
+    event_assign(&sk->ev, sh->llm->base, s, kind, event_cb, sh);
+    event_add(&sk->ev, NULL);
     return 0;
 }
 
 static int multi_timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
-    struct llm *llm = userp;
+    struct shard *sh = userp;
     if (timeout_ms < 0) {
-        evtimer_del(llm->timer);
+        evtimer_del(sh->timer);
         return 0;
     }
     struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    evtimer_add(llm->timer, &tv);
+    evtimer_add(sh->timer, &tv);
     return 0;
 }
 
@@ -214,11 +239,11 @@ static size_t header_cb(char *line, size_t size, size_t nmemb, void *userdata)
     return n;
 }
 
-static void check_done(struct llm *llm)
+static void check_done(struct shard *sh)
 {
     CURLMsg *msg;
     int left;
-    while ((msg = curl_multi_info_read(llm->multi, &left))) {
+    while ((msg = curl_multi_info_read(sh->multi, &left))) {
         if (msg->msg != CURLMSG_DONE)
             continue;
         struct llm_call *call;
@@ -254,14 +279,26 @@ struct llm *llm_new(struct event_base *base, const struct config *cfg)
     struct llm *llm = xcalloc(1, sizeof *llm);
     llm->base = base;
     llm->cfg = cfg;
-    llm->multi = curl_multi_init();
-    llm->timer = evtimer_new(base, timer_cb, llm);
-    curl_multi_setopt(llm->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-    curl_multi_setopt(llm->multi, CURLMOPT_SOCKETDATA, llm);
-    curl_multi_setopt(llm->multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
-    curl_multi_setopt(llm->multi, CURLMOPT_TIMERDATA, llm);
-    /* Keep a warm connection for every call that may run at once. */
-    curl_multi_setopt(llm->multi, CURLMOPT_MAXCONNECTS, cfg->max_in_flight < 100000 ? cfg->max_in_flight : 100000L);
+    long max = cfg->max_in_flight < 100000 ? cfg->max_in_flight : 100000L;
+    llm->nshards = (int)((max + CALLS_PER_SHARD - 1) / CALLS_PER_SHARD);
+    if (llm->nshards > MAX_SHARDS)
+        llm->nshards = MAX_SHARDS;
+    llm->shards = xcalloc((size_t)llm->nshards, sizeof *llm->shards);
+    for (int i = 0; i < llm->nshards; i++) {
+        struct shard *sh = &llm->shards[i];
+        sh->llm = llm;
+        sh->multi = curl_multi_init();
+        sh->timer = evtimer_new(base, timer_cb, sh);
+        curl_multi_setopt(sh->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+        curl_multi_setopt(sh->multi, CURLMOPT_SOCKETDATA, sh);
+        curl_multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, multi_timer_cb);
+        curl_multi_setopt(sh->multi, CURLMOPT_TIMERDATA, sh);
+        /* Keep a warm connection for every call that may run at once: calls go to the least busy shard, so a
+         * shard holds about its share of them, with room for unevenness. */
+        curl_multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS, 2 * max / llm->nshards + 8);
+    }
+    llm->idle_cap = (int)max;
+    llm->idle = xcalloc((size_t)llm->idle_cap, sizeof *llm->idle);
     for (const char *p = cfg->llm_base_url; *p && llm->nep < MAX_ENDPOINTS;) {
         size_t n = strcspn(p, ",");
         const char *s = p, *e = p + n;
@@ -327,7 +364,7 @@ static struct llm_call *call_start(struct llm *llm, const char *url, const struc
     call->block_private = block_private;
     call->started_ms = mono_ms();
     buf_init(&call->body, (size_t)llm->cfg->llm_max_response_bytes);
-    CURL *eh = curl_easy_init();
+    CURL *eh = llm->nidle ? llm->idle[--llm->nidle] : curl_easy_init();
     if (!eh) {
         log_error("curl_easy_init failed");
         abort();
@@ -358,12 +395,18 @@ static struct llm_call *call_start(struct llm *llm, const char *url, const struc
         curl_easy_setopt(eh, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
         curl_easy_setopt(eh, CURLOPT_OPENSOCKETDATA, call);
     }
+    struct shard *sh = &llm->shards[0];
+    for (int i = 1; i < llm->nshards; i++)
+        if (llm->shards[i].in_flight < sh->in_flight)
+            sh = &llm->shards[i];
+    call->shard = sh;
+    sh->in_flight++;
     llm->in_flight++;
     call->next = llm->calls;
     if (llm->calls)
         llm->calls->prev = call;
     llm->calls = call;
-    curl_multi_add_handle(llm->multi, eh);
+    curl_multi_add_handle(sh->multi, eh);
     return call;
 }
 
@@ -404,8 +447,14 @@ void llm_free(struct llm *llm)
         return;
     while (llm->calls)
         call_free(llm->calls);
-    curl_multi_cleanup(llm->multi);
-    event_free(llm->timer);
+    for (int i = 0; i < llm->nidle; i++)
+        curl_easy_cleanup(llm->idle[i]);
+    free(llm->idle);
+    for (int i = 0; i < llm->nshards; i++) {
+        curl_multi_cleanup(llm->shards[i].multi);
+        event_free(llm->shards[i].timer);
+    }
+    free(llm->shards);
     curl_slist_free_all(llm->headers);
     free(llm);
 }
