@@ -87,7 +87,7 @@ static const struct cfg_entry entries[] = {
     S("instance-id", instance_id, "", "static group membership id (group.instance.id); empty: dynamic"),
     I("max-in-flight", max_in_flight, 1, 1000000, "4096", "LLM calls in flight at once per worker"),
     I("max-buffered", max_buffered, 0, 10000000, "0",
-      "prompts held in memory (running + waiting) before fetching pauses (0: 4 x max-in-flight)"),
+      "prompts held in memory (running + waiting) before the worker stops taking more (0: 4 x max-in-flight)"),
     I("max-attempts", max_attempts, 1, 100, "5", "LLM attempts per prompt before it fails for good"),
     I("retry-base-ms", retry_base_ms, 1, 3600000, "500", "first retry backoff (exponential, full jitter)"),
     I("retry-max-ms", retry_max_ms, 1, 3600000, "30000", "largest retry backoff"),

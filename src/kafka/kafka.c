@@ -316,16 +316,59 @@ void kafka_producer_free(struct kafka_producer *kp, int timeout_ms)
 
 /* ---------------------------------------------------------------- consumer */
 
+/* An assigned partition's own queue (hooks.room set): not forwarded to the consumer queue. */
+struct part_queue {
+    rd_kafka_queue_t *q;
+    int32_t partition;
+};
+
 struct kafka_consumer {
     rd_kafka_t *rk;
     rd_kafka_queue_t *q;
     struct kqueue_io io;
     struct kafka_consumer_hooks hooks;
     void *ctx;
+    struct part_queue *pq; /* hooks.room set: the assigned partitions' queues */
+    int npq;
+    int next_pq;  /* where the next round of taking messages starts, for fairness between partitions */
+    bool blocked; /* room() said 0 while messages may be waiting */
     bool fetching;
     bool closing;        /* inside rd_kafka_consumer_close(): revocations cannot wait */
     bool revoke_pending; /* on_revoke deferred; kafka_consumer_revoke_done() completes it */
 };
+
+/* Forgets the partitions' own queues; what they still hold is never delivered (nor committed). */
+static void part_queues_clear(struct kafka_consumer *kc)
+{
+    for (int i = 0; i < kc->npq; i++) {
+        rd_kafka_queue_io_event_enable(kc->pq[i].q, -1, NULL, 0);
+        rd_kafka_queue_destroy(kc->pq[i].q);
+    }
+    free(kc->pq);
+    kc->pq = NULL;
+    kc->npq = 0;
+    kc->next_pq = 0;
+}
+
+/* Before the assignment takes effect: each partition's messages stay in its own queue (librdkafka forwards a
+ * partition's queue to the consumer queue when it starts fetching, unless the application set the forwarding). */
+static void part_queues_set(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts)
+{
+    part_queues_clear(kc);
+    kc->pq = xcalloc((size_t)parts->cnt + 1, sizeof *kc->pq);
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_queue_t *q = rd_kafka_queue_get_partition(kc->rk, parts->elems[i].topic, parts->elems[i].partition);
+        if (!q) {
+            log_error("kafka: no queue for partition %d", (int)parts->elems[i].partition);
+            continue;
+        }
+        rd_kafka_queue_forward(q, NULL);
+        rd_kafka_queue_io_event_enable(q, kc->io.fds[1], "1", 1);
+        kc->pq[kc->npq].q = q;
+        kc->pq[kc->npq].partition = parts->elems[i].partition;
+        kc->npq++;
+    }
+}
 
 static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
                                   void *opaque)
@@ -334,6 +377,8 @@ static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_ka
     /* Eager protocol (see docs/WORKER.md): every rebalance revokes everything, then assigns. */
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         log_info("kafka: assigned %d partition(s)", parts->cnt);
+        if (kc->hooks.room)
+            part_queues_set(kc, parts);
         rd_kafka_assign(rk, parts);
         if (kc->hooks.on_assign)
             kc->hooks.on_assign(kc->ctx, parts);
@@ -344,6 +389,7 @@ static void consumer_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_ka
             return;
         }
         rd_kafka_assign(rk, NULL);
+        part_queues_clear(kc);
     }
 }
 
@@ -363,6 +409,8 @@ static void consumer_error_cb(rd_kafka_t *rk, int err, const char *reason, void 
     log_warn("kafka consumer: %s: %s", rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
 }
 
+static bool take_from_partitions(struct kafka_consumer *kc);
+
 static void consumer_io_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -372,8 +420,11 @@ static void consumer_io_cb(evutil_socket_t fd, short what, void *arg)
     for (int served = 0; served < MAX_EVENTS_PER_WAKEUP; served++) {
         /* Rebalances and errors are served inside this call even when we do not want messages. */
         rd_kafka_message_t *m = rd_kafka_consumer_poll(kc->rk, 0);
-        if (!m)
+        if (!m) {
+            if (kc->hooks.room && take_from_partitions(kc))
+                break;
             return;
+        }
         if (m->err) {
             if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
                 log_warn("kafka consume: %s", rd_kafka_message_errstr(m));
@@ -390,6 +441,48 @@ static void consumer_io_cb(evutil_socket_t fd, short what, void *arg)
     event_active(kc->io.ev_read, EV_READ, 0);
 }
 
+/* hooks.room set: takes messages from the partitions' own queues while there is room, a few from each in
+ * turn. Returns true if it stopped at MAX_EVENTS_PER_WAKEUP with room and messages left. */
+static bool take_from_partitions(struct kafka_consumer *kc)
+{
+    long room = kc->fetching ? kc->hooks.room(kc->ctx) : 0;
+    kc->blocked = room <= 0;
+    int served = 0;
+    while (room > 0 && kc->npq > 0) {
+        bool any = false;
+        for (int k = 0; k < kc->npq && room > 0; k++) {
+            struct part_queue *pq = &kc->pq[(kc->next_pq + k) % kc->npq];
+            for (int i = 0; i < 64 && room > 0; i++) {
+                rd_kafka_message_t *m = rd_kafka_consume_queue(pq->q, 0);
+                if (!m)
+                    break;
+                any = true;
+                served++;
+                if (m->err) {
+                    if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                        log_warn("kafka consume: %s", rd_kafka_message_errstr(m));
+                    rd_kafka_message_destroy(m);
+                    continue;
+                }
+                struct part_queue *before = kc->pq;
+                kc->hooks.on_message(kc->ctx, m);
+                room--;
+                if (kc->pq != before)
+                    return false; /* the assignment changed under us (should not happen from on_message) */
+            }
+        }
+        kc->next_pq = (kc->next_pq + 1) % (kc->npq ? kc->npq : 1);
+        if (!any)
+            return false;
+        if (served >= MAX_EVENTS_PER_WAKEUP)
+            return room > 0;
+        if (room <= 0)
+            room = kc->hooks.room(kc->ctx); /* jobs may have finished meanwhile */
+    }
+    kc->blocked = room <= 0 && kc->npq > 0;
+    return false;
+}
+
 struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
                                           const char *topic, const char *offset_reset,
                                           const struct kafka_consumer_hooks *hooks, void *ctx, char *err, size_t errlen)
@@ -397,6 +490,10 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
     rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
     if (!conf)
         return NULL;
+    /* With a queue per partition (hooks.room), librdkafka's prefetch limit applies to each partition, not to
+     * the consumer queue they all shared: at most max-buffered messages each. */
+    char qmin[32];
+    snprintf(qmin, sizeof qmin, "%ld", cfg->max_buffered > 1000 ? cfg->max_buffered : 1000L);
     if (set_conf(conf, "group.id", group_id, err, errlen) ||
         set_conf(conf, "enable.auto.commit", "false", err, errlen) ||
         set_conf(conf, "enable.auto.offset.store", "false", err, errlen) ||
@@ -404,6 +501,7 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
         set_conf(conf, "partition.assignment.strategy", "roundrobin", err, errlen) ||
         set_conf(conf, "session.timeout.ms", "10000", err, errlen) ||
         set_conf(conf, "heartbeat.interval.ms", "1000", err, errlen) ||
+        (hooks->room && set_conf(conf, "queued.min.messages", qmin, err, errlen)) ||
         (cfg->instance_id[0] && set_conf(conf, "group.instance.id", cfg->instance_id, err, errlen))) {
         rd_kafka_conf_destroy(conf);
         return NULL;
@@ -451,6 +549,14 @@ int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partit
     return 0;
 }
 
+void kafka_consumer_kick(struct kafka_consumer *kc)
+{
+    if (kc->blocked) {
+        kc->blocked = false;
+        event_active(kc->io.ev_read, EV_READ, 0);
+    }
+}
+
 void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts, bool pause)
 {
     rd_kafka_topic_partition_list_t *copy = rd_kafka_topic_partition_list_copy(parts);
@@ -485,6 +591,7 @@ void kafka_consumer_revoke_done(struct kafka_consumer *kc)
         return;
     kc->revoke_pending = false;
     rd_kafka_assign(kc->rk, NULL);
+    part_queues_clear(kc);
     log_info("kafka: revocation complete");
 }
 
@@ -500,6 +607,7 @@ void kafka_consumer_free(struct kafka_consumer *kc)
     kc->fetching = false;
     kc->closing = true;
     rd_kafka_consumer_close(kc->rk); /* serves the final revoke through the rebalance callback */
+    part_queues_clear(kc);
     kqueue_io_free(&kc->io, kc->q);
     rd_kafka_queue_destroy(kc->q);
     rd_kafka_destroy(kc->rk);

@@ -61,6 +61,12 @@ struct kafka_consumer_hooks {
      * later; the group's rebalance waits for it (up to max.poll.interval.ms). Otherwise it returns false and
      * the revocation takes effect when it returns. */
     bool (*on_revoke)(void *ctx, const rd_kafka_topic_partition_list_t *parts, bool may_defer);
+    /* Optional: how many more messages the callee takes now. With it, each assigned partition has its own
+     * queue in librdkafka (not forwarded to the consumer queue) and messages stay there while room() is 0:
+     * backpressure without pausing, so librdkafka keeps its prefetch (it drops it for a paused partition) and
+     * rebalances, errors and commit results are still served. Call kafka_consumer_kick() when room comes
+     * back. */
+    long (*room)(void *ctx);
 };
 
 /* Creates a consumer in group_id subscribed to topic, served on base. A new group starts at offset_reset
@@ -72,6 +78,9 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
                                           size_t errlen);
 /* Commits offsets (each the next offset to read). async=false blocks until the broker answers. */
 int kafka_consumer_commit(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *offsets, bool async);
+/* There may be room again (see hooks.room): messages waiting in the partition queues are delivered soon, from the
+ * loop. Cheap; call it whenever room may have grown. */
+void kafka_consumer_kick(struct kafka_consumer *kc);
 /* Stops or restarts fetching from the listed partitions. */
 void kafka_consumer_pause(struct kafka_consumer *kc, const rd_kafka_topic_partition_list_t *parts, bool pause);
 /* The partition's high watermark as last seen by the consumer (cached, non-blocking), or -1. */

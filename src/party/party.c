@@ -351,7 +351,7 @@ struct party *party_new(struct event_base *base, const struct config *cfg, const
     p->hooks = *hooks;
     p->ctx = ctx;
     p->keys = map_new();
-    static const struct kafka_consumer_hooks kh = {on_message, on_assign, on_revoke};
+    static const struct kafka_consumer_hooks kh = {on_message, on_assign, on_revoke, NULL};
     p->kc =
         kafka_consumer_new(base, cfg, p->group, p->topic, o->from_latest ? "latest" : "earliest", &kh, p, err, errlen);
     if (!p->kc) {

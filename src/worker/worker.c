@@ -235,19 +235,21 @@ static int64_t part_committable(const struct part *part)
     return part->count ? part->ring[part->head]->offset : part->next_offset;
 }
 
+/* Backpressure: the consumer hands over messages only while fewer than max-buffered jobs are held (room_cb);
+ * the rest wait in librdkafka's partition queues, fetched already. Partitions are not paused for it: librdkafka
+ * 2.0.2 drops the prefetch of a paused partition and serves a resumed one late. Once an eighth of the room is
+ * free again, the consumer is told to go on. */
+static long room_cb(void *ctx)
+{
+    struct worker *w = ctx;
+    return w->draining || w->buffered >= w->cfg->max_buffered ? 0 : w->cfg->max_buffered - w->buffered;
+}
+
 static void check_backpressure(struct worker *w)
 {
-    if (!w->assignment || w->draining || w->revoking)
-        return;
-    if (!w->paused && w->buffered >= w->cfg->max_buffered) {
-        kafka_consumer_pause(w->kc, w->assignment, true);
-        w->paused = true;
-        log_debug("paused fetching: %ld prompts buffered", w->buffered);
-    } else if (w->paused && w->buffered <= w->cfg->max_buffered * 3 / 4) {
-        kafka_consumer_pause(w->kc, w->assignment, false);
-        w->paused = false;
-        log_debug("resumed fetching: %ld prompts buffered", w->buffered);
-    }
+    long step = w->cfg->max_buffered / 8 > 1 ? w->cfg->max_buffered / 8 : 1;
+    if (!w->draining && w->cfg->max_buffered - w->buffered >= step)
+        kafka_consumer_kick(w->kc);
 }
 
 /* Frees the finished jobs at the head of the ring. */
@@ -1004,8 +1006,8 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
 static void on_assign(void *ctx, const rd_kafka_topic_partition_list_t *parts)
 {
     struct worker *w = ctx;
-    /* librdkafka keeps a partition paused across rebalances: one we paused while revoking it (or for
-     * backpressure) and that comes back to us must be resumed. */
+    /* librdkafka keeps a partition paused across rebalances: one we paused while revoking it (or at
+     * shutdown) and that comes back to us must be resumed. */
     kafka_consumer_pause(w->kc, parts, false);
     for (int i = 0; i < parts->cnt; i++) {
         int32_t p = parts->elems[i].partition;
@@ -1253,8 +1255,9 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
             evbuffer_add_printf(out, "asyncllm_worker_partition_lag{partition=\"%d\"} %lld\n", p,
                                 (long long)(hi >= from ? hi - from : 0));
     }
-    metric_gauge(out, "asyncllm_worker_paused_partitions", "partitions paused by backpressure or shutdown",
-                 w->paused && w->assignment ? (double)w->assignment->cnt : 0);
+    metric_gauge(out, "asyncllm_worker_paused_partitions",
+                 "partitions not read: max-buffered prompts held (backpressure) or shutting down",
+                 (w->paused || w->buffered >= w->cfg->max_buffered) && w->assignment ? (double)w->assignment->cnt : 0);
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
     evhttp_send_reply(req, 200, "OK", out);
     evbuffer_free(out);
@@ -1327,7 +1330,7 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     w->running = map_new();
     static const struct notify_hooks nhooks = {on_notify, NULL};
     w->notify = notify_new(base, cfg, &nhooks, w, true);
-    static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke};
+    static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke, room_cb};
     w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, "earliest", &hooks, w, err, errlen);
     if (!w->kc)
         goto fail;
