@@ -13,30 +13,96 @@ char *chat_request_new(const char *model, long max_tokens, const struct chat_msg
     return chat_request_new_opts(model, &o, msgs, n, len);
 }
 
+void chat_json_string(struct buf *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    buf_append(b, "\"", 1);
+    size_t run = 0; /* start of the bytes copied as they are */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        buf_append(b, s + run, i - run);
+        run = i + 1;
+        char esc[6] = {'\\', (char)c};
+        size_t el = 2;
+        switch (c) {
+        case '"':
+        case '\\':
+            break;
+        case '\b':
+            esc[1] = 'b';
+            break;
+        case '\f':
+            esc[1] = 'f';
+            break;
+        case '\n':
+            esc[1] = 'n';
+            break;
+        case '\r':
+            esc[1] = 'r';
+            break;
+        case '\t':
+            esc[1] = 't';
+            break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = hex[c >> 4];
+            esc[5] = hex[c & 15];
+            el = 6;
+        }
+        buf_append(b, esc, el);
+    }
+    buf_append(b, s + run, n - run);
+    buf_append(b, "\"", 1);
+}
+
+/* A real number as jansson writes it ("%.17g", with ".0" when it would read as an integer). */
+static void json_real_append(struct buf *b, double d)
+{
+    char num[40];
+    int k = snprintf(num, sizeof num, "%.17g", d);
+    buf_append(b, num, (size_t)k);
+    if (!strpbrk(num, ".eE") && strcmp(num, "inf") && strcmp(num, "nan"))
+        buf_append(b, ".0", 2);
+}
+
 char *chat_request_new_opts(const char *model, const struct chat_opts *o, const struct chat_msg *msgs, size_t n,
                             size_t *len)
 {
-    json_t *arr = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr,
-                              json_pack("{s:s, s:s%}", "role", msgs[i].role, "content", msgs[i].content, msgs[i].len));
-    json_t *req = json_pack("{s:s, s:o}", "model", model, "messages", arr);
-    if (o->max_tokens > 0)
-        json_object_set_new(req, "max_tokens", json_integer(o->max_tokens));
-    if (o->temperature >= 0)
-        json_object_set_new(req, "temperature", json_real(o->temperature));
-    if (o->top_p >= 0)
-        json_object_set_new(req, "top_p", json_real(o->top_p));
-    if (o->stream) {
-        json_object_set_new(req, "stream", json_true());
-        json_object_set_new(req, "stream_options", json_pack("{s:b}", "include_usage", 1));
+    struct buf b;
+    buf_init(&b, (size_t)-1);
+    buf_append(&b, "{\"model\":", 9);
+    chat_json_string(&b, model, strlen(model));
+    buf_append(&b, ",\"messages\":[", 13);
+    for (size_t i = 0; i < n; i++) {
+        buf_append(&b, i ? ",{\"role\":" : "{\"role\":", i ? 9 : 8);
+        chat_json_string(&b, msgs[i].role, strlen(msgs[i].role));
+        buf_append(&b, ",\"content\":", 11);
+        chat_json_string(&b, msgs[i].content ? msgs[i].content : "", msgs[i].content ? msgs[i].len : 0);
+        buf_append(&b, "}", 1);
     }
-    char *s = json_dumps(req, JSON_COMPACT);
-    json_decref(req);
-    if (!s)
-        abort(); /* only on out-of-memory: all strings were validated UTF-8 before */
-    *len = strlen(s);
-    return s;
+    buf_append(&b, "]", 1);
+    char num[32];
+    if (o->max_tokens > 0) {
+        int k = snprintf(num, sizeof num, ",\"max_tokens\":%ld", o->max_tokens);
+        buf_append(&b, num, (size_t)k);
+    }
+    if (o->temperature >= 0) {
+        buf_append(&b, ",\"temperature\":", 15);
+        json_real_append(&b, o->temperature);
+    }
+    if (o->top_p >= 0) {
+        buf_append(&b, ",\"top_p\":", 9);
+        json_real_append(&b, o->top_p);
+    }
+    if (o->stream) {
+        static const char st[] = ",\"stream\":true,\"stream_options\":{\"include_usage\":true}";
+        buf_append(&b, st, sizeof st - 1);
+    }
+    buf_append(&b, "}", 1);
+    *len = b.len;
+    return b.data;
 }
 
 int chat_parse_response(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)

@@ -37,6 +37,45 @@ static void test_request(void **state)
     free(body);
 }
 
+/* The request body is written without jansson: it must be what json_dumps(JSON_COMPACT) writes. */
+static void test_request_same_as_jansson(void **state)
+{
+    (void)state;
+    static const char tricky[] = "q\"b\\s/\x01\x1f\b\f\n\r\t\x7f \xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80 \0nul";
+    struct chat_msg msgs[] = {{"system", "be brief", 8}, {"user", tricky, sizeof tricky - 1}, {"assistant", "", 0}};
+    struct chat_opts opts[] = {
+        {.max_tokens = 0, .temperature = -1, .top_p = -1},
+        {.max_tokens = 64, .temperature = 0.7, .top_p = 1, .stream = true},
+        {.max_tokens = 1, .temperature = 0, .top_p = 0.123456789012345},
+    };
+    for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++) {
+        const struct chat_opts *o = &opts[k];
+        json_t *arr = json_array();
+        for (size_t i = 0; i < 3; i++)
+            json_array_append_new(
+                arr, json_pack("{s:s, s:s%}", "role", msgs[i].role, "content", msgs[i].content, msgs[i].len));
+        json_t *req = json_pack("{s:s, s:o}", "model", "m\"x", "messages", arr);
+        if (o->max_tokens > 0)
+            json_object_set_new(req, "max_tokens", json_integer(o->max_tokens));
+        if (o->temperature >= 0)
+            json_object_set_new(req, "temperature", json_real(o->temperature));
+        if (o->top_p >= 0)
+            json_object_set_new(req, "top_p", json_real(o->top_p));
+        if (o->stream) {
+            json_object_set_new(req, "stream", json_true());
+            json_object_set_new(req, "stream_options", json_pack("{s:b}", "include_usage", 1));
+        }
+        char *want = json_dumps(req, JSON_COMPACT);
+        json_decref(req);
+        size_t len;
+        char *got = chat_request_new_opts("m\"x", o, msgs, 3, &len);
+        assert_int_equal(strlen(got), len);
+        assert_string_equal(got, want);
+        free(got);
+        free(want);
+    }
+}
+
 static void test_parse_ok(void **state)
 {
     (void)state;
@@ -101,7 +140,8 @@ static void test_retry_after(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_request),       cmocka_unit_test(test_parse_ok),    cmocka_unit_test(test_parse_bad),
+        cmocka_unit_test(test_request),       cmocka_unit_test(test_request_same_as_jansson),
+        cmocka_unit_test(test_parse_ok),      cmocka_unit_test(test_parse_bad),
         cmocka_unit_test(test_error_summary), cmocka_unit_test(test_retry_after),
     };
     return cmocka_run_group_tests_name("llm", tests, NULL, NULL);
