@@ -14,6 +14,10 @@ int conv_id_new(char *out);
  * a conversation and is rejected before it reaches Redis. */
 bool conv_id_valid(const char *s, size_t len);
 
+/* Writes v in decimal and a NUL into out (at least 21 bytes); returns the length. Faster than snprintf, for
+ * the hot paths. */
+size_t fmt_i64(char *out, int64_t v);
+
 /* Wall clock in Unix milliseconds, and a monotonic clock in milliseconds. */
 int64_t now_ms(void);
 int64_t mono_ms(void);
@@ -32,6 +36,10 @@ struct buf {
 void buf_init(struct buf *b, size_t max);
 /* Appends n bytes; returns -1 (and appends nothing) if the result would exceed max. */
 int buf_append(struct buf *b, const void *p, size_t n);
+/* Appends printf-formatted text; -1 (nothing appended) past max. */
+int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s[0..n) (UTF-8) as a quoted JSON string, escaped as jansson would: ", \ and control characters. */
+int buf_append_json_string(struct buf *b, const char *s, size_t n);
 void buf_reset(struct buf *b);
 void buf_free(struct buf *b);
 

@@ -6,8 +6,11 @@
 #include <cmocka.h>
 
 #include "core/config.h"
+#include "core/jsonw.h"
 #include "core/map.h"
 #include "core/util.h"
+
+#include <jansson.h>
 
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +71,102 @@ static void test_buf_limit(void **state)
     assert_int_equal(b.len, 10);
     assert_string_equal(b.data, "helloworld");
     buf_free(&b);
+}
+
+/* buf_append_json_string writes what jansson writes for the same string, and unique ids keep coming from the
+ * per-thread pool (more than one refill). */
+static void test_json_string(void **state)
+{
+    (void)state;
+    static const char *cases[] = {"",
+                                  "hi",
+                                  "a\"b\\c/d",
+                                  "line\nbreak\ttab\r\b\f",
+                                  "\x01\x1f\x7f",
+                                  "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+                                  "</script>"};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct buf b;
+        buf_init(&b, 1000);
+        assert_int_equal(buf_append(&b, "x", 1), 0);
+        assert_int_equal(buf_append_json_string(&b, cases[i], strlen(cases[i])), 0);
+        json_t *js = json_string(cases[i]);
+        char *want = json_dumps(js, JSON_ENCODE_ANY);
+        assert_string_equal(b.data + 1, want);
+        free(want);
+        json_decref(js);
+        buf_free(&b);
+    }
+    /* too long for the limit: nothing appended */
+    struct buf b;
+    buf_init(&b, 8);
+    assert_int_equal(buf_append(&b, "ab", 2), 0);
+    assert_int_equal(buf_append_json_string(&b, "\n\n\n", 3), -1);
+    assert_int_equal(b.len, 2);
+    assert_string_equal(b.data, "ab");
+    assert_int_equal(buf_printf(&b, "%d", 12345), 0);
+    assert_string_equal(b.data, "ab12345");
+    assert_int_equal(buf_printf(&b, "%s", "xx"), -1);
+    buf_free(&b);
+    static const int64_t nums[] = {0, 1, -1, 9, 10, 1234567890123LL, INT64_MAX, INT64_MIN};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        char got[24], want[24];
+        size_t n = fmt_i64(got, nums[i]);
+        snprintf(want, sizeof want, "%lld", (long long)nums[i]);
+        assert_string_equal(got, want);
+        assert_int_equal(n, strlen(want));
+    }
+    char prev[CONV_ID_LEN + 1] = "", id[CONV_ID_LEN + 1];
+    for (int i = 0; i < 200; i++) {
+        assert_int_equal(conv_id_new(id), 0);
+        assert_true(conv_id_valid(id, strlen(id)));
+        assert_string_not_equal(id, prev);
+        memcpy(prev, id, sizeof id);
+    }
+}
+
+/* jsonw writes what json_dumps(JSON_COMPACT) writes. */
+static void test_jsonw(void **state)
+{
+    (void)state;
+    static const char *docs[] = {
+        "{}",
+        "[]",
+        "null",
+        "true",
+        "\"x\"",
+        "0",
+        "-12",
+        "1.5",
+        "1e300",
+        "2.0",
+        "-0.25",
+        "{\"a\":1,\"b\":[true,false,null,\"s\\\"q\\n\\u0001\"],\"c\":{\"d\":{},\"e\":[]}}",
+        "{\"z\":1,\"a\":2,\"m\":3}", /* insertion order kept */
+        "{\"caf\u00e9 \\u20ac\":\"\\ud83d\\ude00 </x>\",\"n\":9223372036854775807,\"r\":0.1}",
+    };
+    for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
+        json_error_t err;
+        json_t *v = json_loads(docs[i], JSON_DECODE_ANY, &err);
+        assert_non_null(v);
+        char *want = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        size_t len = 0;
+        char *got = jsonw_dumps(v, &len);
+        assert_string_equal(got, want);
+        assert_int_equal(len, strlen(want));
+        free(want);
+        free(got);
+        json_decref(v);
+    }
+    /* too deep: refused, not a stack overflow */
+    json_t *deep = json_array();
+    for (int i = 0; i < 100; i++) {
+        json_t *outer = json_array();
+        json_array_append_new(outer, deep);
+        deep = outer;
+    }
+    assert_null(jsonw_dumps(deep, NULL));
+    json_decref(deep);
 }
 
 static void test_map(void **state)
@@ -153,6 +252,8 @@ int main(void)
         cmocka_unit_test(test_utf8),
         cmocka_unit_test(test_non_space),
         cmocka_unit_test(test_buf_limit),
+        cmocka_unit_test(test_json_string),
+        cmocka_unit_test(test_jsonw),
         cmocka_unit_test(test_map),
         cmocka_unit_test(test_rand_below),
         cmocka_unit_test(test_config_defaults_env_flags),
