@@ -13,12 +13,14 @@
 #include "store/notify.h"
 
 #include <event2/event.h>
+#include <event2/event_struct.h>
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
 #include <openssl/sha.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -267,14 +269,35 @@ struct store {
     bool closing;
     struct event *reconnect_ev;
     int reconnect_ms;
-    int pending; /* commands sent and not answered */
+    int pending;                      /* commands sent and not answered */
+    const struct timeval *op_timeout; /* --redis-timeout-ms as a common timeout of base: O(1) timers */
+    struct buf scratch;               /* for formatting commands */
+    /* Rejections (store_reject) that could not be written: Redis was down. Written again once it is back, so
+     * that a turn whose client got a 503 does not stay "pending". */
+    struct reject *rejects;
+    size_t nrejects;
+    struct event *reject_ev;
 };
+
+struct reject {
+    struct reject *next;
+    long turn;
+    bool is_new;
+    char conv_id[72];
+};
+
+#define REJECTS_MAX 100000
+#define REJECT_RETRY_MS 500
+
+static void reject_retry_cb(evutil_socket_t fd, short what, void *arg);
 
 struct op {
     struct store *st;
     enum op_kind kind;
     bool answered;
-    struct event *timer;
+    bool timer_on;
+    bool is_new;        /* OP_REJECT */
+    struct event timer; /* --redis-timeout-ms, on the store's common timeout */
     void *arg;
     union {
         store_submit_cb *submit;
@@ -437,9 +460,13 @@ struct store *store_new(struct event_base *base, const struct config *cfg)
     pthread_once(&scripts_once, scripts_hash);
     struct store *st = xcalloc(1, sizeof *st);
     st->base = base;
+    struct timeval otv = {cfg->redis_timeout_ms / 1000, (cfg->redis_timeout_ms % 1000) * 1000};
+    st->op_timeout = event_base_init_common_timeout(base, &otv);
+    buf_init(&st->scratch, SIZE_MAX / 2);
     st->cfg = cfg;
     st->reconnect_ms = RECONNECT_MIN_MS;
     st->reconnect_ev = evtimer_new(base, reconnect_cb, st);
+    st->reject_ev = evtimer_new(base, reject_retry_cb, st);
     store_connect(st);
     return st;
 }
@@ -452,6 +479,16 @@ void store_free(struct store *st)
     if (st->ac)
         redisAsyncFree(st->ac); /* answers pending commands with NULL replies */
     event_free(st->reconnect_ev);
+    event_free(st->reject_ev);
+    if (st->nrejects)
+        log_warn("redis: %zu turn(s) answered 503 could not be marked rejected before exit: they stay pending",
+                 st->nrejects);
+    while (st->rejects) {
+        struct reject *rj = st->rejects;
+        st->rejects = rj->next;
+        free(rj);
+    }
+    buf_free(&st->scratch);
     free(st);
 }
 
@@ -670,14 +707,18 @@ static void verdict_reply(struct op *op, const redisReply *reply)
     op->cb.verdict(op->arg, STORE_OK, reply->element[0]->integer == 1, v, reply->element[2]->integer == 1);
 }
 
+static void reject_later(struct store *st, const struct op *op);
+
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
     (void)ac;
     struct op *op = privdata;
     op->st->pending--;
     redisReply *reply = r;
-    if (op->timer)
-        event_free(op->timer);
+    if (op->kind == OP_REJECT && !reply) /* Redis went away (an error reply is logged below) */
+        reject_later(op->st, op);
+    if (op->timer_on)
+        event_del(&op->timer);
     if (op->answered || !has_callback(op)) {
         if (reply && reply->type == REDIS_REPLY_ERROR)
             log_error("redis: %s", reply->str);
@@ -695,7 +736,12 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     struct conv conv = {0};
     switch (op->kind) {
     case OP_SUBMIT:
-        if (reply->type != REDIS_REPLY_INTEGER)
+        if (reply->type == REDIS_REPLY_ARRAY) { /* EXEC of submit_new_plain: every command must have worked */
+            bool ok = reply->elements > 0;
+            for (size_t i = 0; i < reply->elements; i++)
+                ok = ok && reply->element[i]->type == REDIS_REPLY_INTEGER;
+            op->cb.submit(op->arg, ok ? STORE_OK : STORE_EUNAVAILABLE, 1);
+        } else if (reply->type != REDIS_REPLY_INTEGER)
             op->cb.submit(op->arg, STORE_EUNAVAILABLE, 0);
         else if (reply->integer == -1)
             op->cb.submit(op->arg, STORE_ENOTFOUND, 0);
@@ -763,34 +809,86 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     free(op);
 }
 
-/* Sends a command for op (argv[0..argc)); answers STORE_EUNAVAILABLE at once if Redis is down. */
-static void op_send(struct store *st, struct op *op, int argc, const char **argv, const size_t *lens)
+/* Appends argv[0..argc) (lens[i], or strlen where lens is NULL) to b in RESP. hiredis' own formatter
+ * (sdscatfmt for every argument) was the costliest step of a submit in the store. */
+static void resp_append(struct buf *b, int argc, const char **argv, const size_t *lens)
+{
+    char num[24];
+    num[0] = '*';
+    size_t n = 1 + fmt_i64(num + 1, argc);
+    buf_append(b, num, n);
+    buf_append(b, "\r\n", 2);
+    for (int i = 0; i < argc; i++) {
+        size_t len = lens ? lens[i] : strlen(argv[i]);
+        num[0] = '$';
+        n = 1 + fmt_i64(num + 1, (int64_t)len);
+        buf_append(b, num, n);
+        buf_append(b, "\r\n", 2);
+        buf_append(b, argv[i], len);
+        buf_append(b, "\r\n", 2);
+    }
+}
+
+/* The store's scratch buffer for formatting commands (hiredis copies them into its output buffer). */
+static struct buf *resp_scratch(struct store *st)
+{
+    struct buf *b = &st->scratch;
+    if (b->cap > 256 * 1024) /* one huge command must not pin its memory */
+        buf_free(b);
+    buf_reset(b);
+    return b;
+}
+
+/* Sends a command in RESP (cmd[0..len)) for op; answers STORE_EUNAVAILABLE at once if Redis is down. */
+static void op_send_formatted(struct store *st, struct op *op, const char *cmd, size_t len)
 {
     op->st = st;
-    if (!st->ac || !st->connected || redisAsyncCommandArgv(st->ac, op_reply_cb, op, argc, argv, lens) != REDIS_OK) {
+    if (!st->ac || !st->connected || redisAsyncFormattedCommand(st->ac, op_reply_cb, op, cmd, len) != REDIS_OK) {
+        if (op->kind == OP_REJECT)
+            reject_later(st, op);
         if (has_callback(op))
             op_answer_error(op, STORE_EUNAVAILABLE);
         free(op);
         return;
     }
     st->pending++;
-    op->timer = evtimer_new(st->base, op_timeout_cb, op);
-    struct timeval tv = {st->cfg->redis_timeout_ms / 1000, (st->cfg->redis_timeout_ms % 1000) * 1000};
-    evtimer_add(op->timer, &tv);
+    evtimer_assign(&op->timer, st->base, op_timeout_cb, op);
+    evtimer_add(&op->timer, st->op_timeout);
+    op->timer_on = true;
+}
+
+/* Sends a command for op (argv[0..argc)); answers STORE_EUNAVAILABLE at once if Redis is down. */
+static void op_send(struct store *st, struct op *op, int argc, const char **argv, const size_t *lens)
+{
+    struct buf *b = resp_scratch(st);
+    resp_append(b, argc, argv, lens);
+    op_send_formatted(st, op, b->data, b->len);
 }
 
 static struct op *op_new(enum op_kind kind, const char *conv_id, void *arg)
 {
-    struct op *op = xcalloc(1, sizeof *op);
+    struct op *op = xmalloc(sizeof *op);
+    memset(op, 0, offsetof(struct op, conv_id));
     op->kind = kind;
     op->arg = arg;
-    snprintf(op->conv_id, sizeof op->conv_id, "%s", conv_id);
+    size_t n = strnlen(conv_id, sizeof op->conv_id - 1);
+    memcpy(op->conv_id, conv_id, n);
+    op->conv_id[n] = '\0';
     return op;
+}
+
+/* KEY_PREFIX + id, truncated to size like snprintf (ids are at most 64 characters). */
+static void key_fill(char *out, size_t size, const char *id)
+{
+    size_t pl = sizeof KEY_PREFIX - 1, n = strnlen(id, size - pl - 1);
+    memcpy(out, KEY_PREFIX, pl);
+    memcpy(out + pl, id, n);
+    out[pl + n] = '\0';
 }
 
 #define KEYBUF(name, id)                                                                                               \
     char name[96];                                                                                                     \
-    snprintf(name, sizeof name, KEY_PREFIX "%s", id)
+    key_fill(name, sizeof name, id)
 
 /* Formats the common numbers once per call. */
 struct nums {
@@ -799,11 +897,11 @@ struct nums {
 
 static void nums_fill(struct nums *n, const struct store *st, long turn)
 {
-    snprintf(n->now, sizeof n->now, "%" PRId64, now_ms());
-    snprintf(n->ttl, sizeof n->ttl, "%ld", st->cfg->conversation_ttl_s);
-    snprintf(n->maxlen, sizeof n->maxlen, "%ld", st->cfg->stream_max_events);
-    snprintf(n->evttl, sizeof n->evttl, "%ld", st->cfg->stream_ttl_s);
-    snprintf(n->turn, sizeof n->turn, "%ld", turn);
+    fmt_i64(n->now, now_ms());
+    fmt_i64(n->ttl, st->cfg->conversation_ttl_s);
+    fmt_i64(n->maxlen, st->cfg->stream_max_events);
+    fmt_i64(n->evttl, st->cfg->stream_ttl_s);
+    fmt_i64(n->turn, turn);
 }
 
 /* Sends EVAL script with argv[0..argc) (lengths from strlen unless lens gives them) for op. */
@@ -832,12 +930,71 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
 #define EVAL(st, op, script, nkeys, argv, lens)                                                                        \
     eval(st, op, script, sizeof script - 1, nkeys, (int)(sizeof argv / sizeof argv[0]), argv, lens)
 
+/* The common submit, a new conversation's first turn without an event stream, as MULTI, HSET, EXPIRE, EXEC
+ * rather than LUA_SUBMIT: running a script costs Redis about as much again as the commands it runs, and
+ * MULTI/EXEC keeps the two atomic (no conversation without its expiry). The id is 132 fresh random bits
+ * (conv_id_new), so the script's check that it is unused is left out. */
+static void submit_new_plain(struct store *st, const char *key, const char *prompt, size_t prompt_len,
+                             const struct turn_meta *meta, const struct nums *n, struct op *op)
+{
+    if (st->ac && st->connected) {
+        const char *a[24];
+        size_t l[24];
+        int c = 0;
+#define ARG(s, len) (a[c] = (s), l[c] = (len), c++)
+#define ARGS(s) ARG(s, strlen(s))
+        ARGS("HSET");
+        ARGS(key);
+        ARGS("turns");
+        ARGS("1");
+        ARGS("created_at");
+        ARGS(n->now);
+        ARGS("updated_at");
+        ARGS(n->now);
+        ARGS("t1.prompt");
+        ARG(prompt, prompt_len);
+        ARGS("t1.status");
+        ARGS("pending");
+        ARGS("t1.submitted_at");
+        ARGS(n->now);
+        if (meta && meta->req && meta->req[0]) {
+            ARGS("t1.req");
+            ARGS(meta->req);
+        }
+        if (meta && meta->input && meta->input[0]) {
+            ARGS("t1.input");
+            ARGS(meta->input);
+        }
+#undef ARG
+#undef ARGS
+        struct buf *b = resp_scratch(st);
+        redisAsyncFormattedCommand(st->ac, NULL, NULL, "*1\r\n$5\r\nMULTI\r\n", 15);
+        resp_append(b, c, a, l);
+        redisAsyncFormattedCommand(st->ac, NULL, NULL, b->data, b->len);
+        if (st->cfg->conversation_ttl_s > 0) {
+            const char *e[] = {"EXPIRE", key, n->ttl};
+            buf_reset(b);
+            resp_append(b, 3, e, NULL);
+            redisAsyncFormattedCommand(st->ac, NULL, NULL, b->data, b->len);
+        }
+    }
+    op_send_formatted(st, op, "*1\r\n$4\r\nEXEC\r\n", 14); /* not connected: answers STORE_EUNAVAILABLE */
+}
+
 void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
                   const struct turn_meta *meta, store_submit_cb *cb, void *arg)
 {
     KEYBUF(key, conv_id);
     struct nums n;
     nums_fill(&n, st, 0);
+    if (meta && meta->submitted_at)
+        fmt_i64(n.now, meta->submitted_at);
+    if (is_new && !(meta && (meta->stream || meta->prev_turn > 0))) {
+        struct op *op = op_new(OP_SUBMIT, conv_id, arg);
+        op->cb.submit = cb;
+        submit_new_plain(st, key, prompt, prompt_len, meta, &n, op);
+        return;
+    }
     char prev[24];
     snprintf(prev, sizeof prev, "%ld", meta && meta->prev_turn > 0 ? meta->prev_turn : 0L);
     const char *argv[] = {key,
@@ -864,7 +1021,58 @@ void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
     struct nums n;
     nums_fill(&n, st, turn);
     const char *argv[] = {key, n.turn, is_new ? "1" : "0"};
-    EVAL(st, op_new(OP_REJECT, conv_id, NULL), LUA_REJECT, 1, argv, NULL);
+    struct op *op = op_new(OP_REJECT, conv_id, NULL);
+    op->turn = turn;
+    op->is_new = is_new;
+    EVAL(st, op, LUA_REJECT, 1, argv, NULL);
+}
+
+/* A rejection that failed waits for Redis (bounded: past REJECTS_MAX the turn stays pending, logged). */
+static void reject_later(struct store *st, const struct op *op)
+{
+    if (st->closing)
+        return;
+    if (st->nrejects >= REJECTS_MAX) {
+        log_error("redis: conversation %s turn %ld was answered 503 but cannot be marked rejected (%zu waiting "
+                  "already): it stays pending",
+                  op->conv_id, op->turn, st->nrejects);
+        return;
+    }
+    struct reject *rj = xmalloc(sizeof *rj);
+    rj->turn = op->turn;
+    rj->is_new = op->is_new;
+    snprintf(rj->conv_id, sizeof rj->conv_id, "%s", op->conv_id);
+    rj->next = st->rejects;
+    st->rejects = rj;
+    if (st->nrejects++ == 0)
+        log_warn("redis: marking turns answered 503 as rejected when Redis is back");
+    if (!evtimer_pending(st->reject_ev, NULL)) {
+        struct timeval tv = {0, REJECT_RETRY_MS * 1000};
+        evtimer_add(st->reject_ev, &tv);
+    }
+}
+
+static void reject_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct store *st = arg;
+    if (!st->connected) {
+        struct timeval tv = {0, REJECT_RETRY_MS * 1000};
+        evtimer_add(st->reject_ev, &tv);
+        return;
+    }
+    struct reject *list = st->rejects;
+    size_t n = st->nrejects;
+    st->rejects = NULL;
+    st->nrejects = 0;
+    log_info("redis: marking %zu turn(s) answered 503 as rejected", n);
+    while (list) { /* a failure puts it back on st->rejects */
+        struct reject *rj = list;
+        list = rj->next;
+        store_reject(st, rj->conv_id, rj->turn, rj->is_new);
+        free(rj);
+    }
 }
 
 void store_load(struct store *st, const char *conv_id, store_conv_cb *cb, void *arg)

@@ -76,10 +76,11 @@ struct turn_result {
 
 /* What the Responses API keeps with a turn. Every member is optional. */
 struct turn_meta {
-    const char *req;   /* JSON object: the request's parameters, echoed in the Response object */
-    const char *input; /* JSON array: the turn's input messages, when the client sent a list */
-    bool stream;       /* keep an event stream for live streaming (created with a "q" event) */
-    long prev_turn;    /* the turn continued (previous_response_id): must exist, else STORE_ENOPREV */
+    const char *req;      /* JSON object: the request's parameters, echoed in the Response object */
+    const char *input;    /* JSON array: the turn's input messages, when the client sent a list */
+    bool stream;          /* keep an event stream for live streaming (created with a "q" event) */
+    long prev_turn;       /* the turn continued (previous_response_id): must exist, else STORE_ENOPREV */
+    int64_t submitted_at; /* Unix ms the turn is stamped with (0: now) */
 };
 
 /* An entry of a turn's event stream: kind 'q' queued (by the API), 's' started (the worker began the LLM call),
