@@ -84,7 +84,7 @@ static void answer_submit(struct api *api, struct evhttp_request *req, const cha
         extra = json_pack("{s:s}", "callback_url", callback);
         req_json = json_dumps(extra, JSON_COMPACT);
     }
-    struct turn_meta meta = {req_json, NULL, false, 0};
+    struct turn_meta meta = {req_json, NULL, false, 0, 0};
     struct submit_params p = {.prompt = prompt,
                               .prompt_len = len,
                               .conv_id = conv,

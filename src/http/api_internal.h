@@ -35,8 +35,9 @@ struct api {
     struct watch *watch_all;   /* every watcher, for waking or closing them all */
     struct event *watch_timer; /* re-checks every watcher now and then (pub/sub may lose a message) */
     int port;
-    int waiting;   /* submits whose request is not answered yet */
-    bool stopping; /* no new long waits */
+    int waiting;                          /* submits whose request is not answered yet */
+    const struct timeval *submit_timeout; /* the request deadline as a common timeout of base */
+    bool stopping;                        /* no new long waits */
 };
 
 /* ---- helpers (api.c) */
@@ -97,6 +98,8 @@ void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_
 bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
 /* The Response object of a turn (t must exist). */
 json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
+/* The same as its create event shows it: status "queued", no output (STAGE_QUEUED). */
+json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);
 /* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose

@@ -8,6 +8,7 @@
 #include "http/http.h"
 
 #include "core/config.h"
+#include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
 
@@ -84,16 +85,23 @@ static struct evhttp *server_new(struct event_base *base, const struct config *c
     return http;
 }
 
+static void free_text(const void *data, size_t len, void *arg)
+{
+    (void)len;
+    (void)arg;
+    free((void *)data);
+}
+
 void http_reply_json(struct evhttp_request *req, int code, json_t *obj)
 {
-    char *s = json_dumps(obj, JSON_COMPACT);
+    struct buf b;
+    buf_init(&b, SIZE_MAX / 2);
+    bool ok = jsonw_append(&b, obj) == 0 && buf_append(&b, "\n", 1) == 0;
     json_decref(obj);
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
-    if (s) {
-        evbuffer_add(out, s, strlen(s));
-        evbuffer_add(out, "\n", 1);
-        free(s);
-    }
+    if (ok && evbuffer_add_reference(out, b.data, b.len, free_text, NULL) == 0)
+        b.data = NULL; /* the buffer frees it once sent */
+    buf_free(&b);
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
     evhttp_add_header(h, "Content-Type", "application/json");
     evhttp_add_header(h, "Cache-Control", "no-store");
@@ -113,6 +121,15 @@ struct evhttp *http_server_new_shared(struct event_base *base, const struct conf
                                       size_t errlen)
 {
     return server_new(base, cfg, addr, port_wanted, cb, arg, port, bound, first ? 1 : 2, err, errlen);
+}
+
+void http_reply_text(struct evhttp_request *req, int code, const char *json, size_t len)
+{
+    evbuffer_add(evhttp_request_get_output_buffer(req), json, len);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evhttp_add_header(h, "Cache-Control", "no-store");
+    evhttp_send_reply(req, code, NULL, NULL);
 }
 
 void http_reply_static(struct evhttp_request *req, int code, const char *json)

@@ -29,6 +29,8 @@ struct evhttp *http_server_new_shared(struct event_base *base, const struct conf
                                       size_t errlen);
 /* Sends obj as the JSON body (steals the reference). */
 void http_reply_json(struct evhttp_request *req, int code, json_t *obj);
+/* Sends json[0..len) (a JSON document the caller wrote) as the body. */
+void http_reply_text(struct evhttp_request *req, int code, const char *json, size_t len);
 /* Sends a constant JSON body (no copy, no JSON encoding): the cheapest answer, for health checks. */
 void http_reply_static(struct evhttp_request *req, int code, const char *json);
 /* Like http_reply_error, naming the offending parameter. */

@@ -18,6 +18,7 @@
 #include "http/api_internal.h"
 
 #include "core/config.h"
+#include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "http/http.h"
@@ -178,6 +179,11 @@ json_t *response_object(const struct api *api, const struct conv *conv, long tur
     return response_object_at(api, conv, turn, t, STAGE_NOW);
 }
 
+json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t)
+{
+    return response_object_at(api, conv, turn, t, STAGE_QUEUED);
+}
+
 /* ---------------------------------------------------------------- streaming events */
 
 /* Appends one SSE event if its number is past the client's, and counts it. */
@@ -187,7 +193,7 @@ static void sse_emit(struct evbuffer *out, long *seq, long after, const char *ty
     if (n > after) {
         json_object_set_new(ev, "type", json_string(type));
         json_object_set_new(ev, "sequence_number", json_integer(n));
-        char *s = json_dumps(ev, JSON_COMPACT);
+        char *s = jsonw_dumps(ev, NULL);
         evbuffer_add_printf(out, "event: %s\nid: %ld\ndata: %s\n\n", type, n, s);
         free(s);
     }
@@ -452,9 +458,9 @@ static void handle_create(struct api *api, struct evhttp_request *req)
                 json_object_set(extra, "input", norm);
             if (prev)
                 json_object_set_new(extra, "context_turn", json_integer(prev_turn));
-            char *req_json = json_dumps(reqp, JSON_COMPACT);
-            char *input_json = json_is_array(input) ? json_dumps(norm, JSON_COMPACT) : NULL;
-            struct turn_meta meta = {req_json, input_json, stream, prev ? prev_turn : 0};
+            char *req_json = jsonw_dumps(reqp, NULL);
+            char *input_json = json_is_array(input) ? jsonw_dumps(norm, NULL) : NULL;
+            struct turn_meta meta = {req_json, input_json, stream, prev ? prev_turn : 0, 0};
             struct submit_params p = {
                 .prompt = json_string_value(content),
                 .prompt_len = json_string_length(content),

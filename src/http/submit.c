@@ -14,6 +14,7 @@
 #include "http/api_internal.h"
 
 #include "core/config.h"
+#include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "http/http.h"
@@ -21,6 +22,7 @@
 #include "store/store.h"
 
 #include <event2/event.h>
+#include <event2/event_struct.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <inttypes.h>
@@ -33,17 +35,22 @@ struct submit {
     struct api *api;
     struct evhttp_request *req; /* NULL once answered */
     int refs;
-    struct event *deadline;
+    struct event deadline; /* on the API's common timeout: no allocation, O(1) */
     enum submit_mode mode;
     bool is_new;
     long turn;
+    int64_t submitted_at;
     char conv_id[72];
+    /* The Kafka message, built once as text without jansson: {"conversation_id":...,"prompt":...,<extra>
+     * then, once Redis gave the turn, ,"turn":N,"submitted_at":T}. */
+    struct buf msg;
+    char *req_json; /* the turn_meta's request parameters (SUBMIT_BACKGROUND answers with them), or NULL */
+    /* Copies kept only when Redis is called later (after an idempotency claim): */
     char *prompt;
     size_t prompt_len;
-    char *req_json, *input_json; /* copies of the turn_meta strings */
+    char *input_json;
     bool stream;
     long prev_turn;
-    json_t *msg;    /* the Kafka message being built (without turn) */
     char *idem_key; /* the Redis key of the idempotency claim, or NULL */
 };
 
@@ -51,13 +58,12 @@ static void submit_release(struct submit *sub)
 {
     if (--sub->refs > 0)
         return;
-    if (sub->deadline)
-        event_free(sub->deadline);
+    event_del(&sub->deadline);
     free(sub->prompt);
     free(sub->req_json);
     free(sub->input_json);
     free(sub->idem_key);
-    json_decref(sub->msg);
+    buf_free(&sub->msg);
     free(sub);
 }
 
@@ -69,7 +75,7 @@ static struct evhttp_request *submit_take_req(struct submit *sub)
         return NULL;
     sub->req = NULL;
     sub->api->waiting--;
-    evtimer_del(sub->deadline);
+    evtimer_del(&sub->deadline);
     submit_release(sub); /* the request's reference; callers hold another, so sub survives */
     return req;
 }
@@ -128,24 +134,44 @@ static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
     free(lc);
 }
 
-/* The route's answer once (conv_id, turn) is queued. */
+/* POST /answer's 202, written without jansson (ids and numbers need no escaping; the URL is escaped). */
+static void answer_202(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
+{
+    char url[1024], ra[24];
+    api_polling_url(api, conv_id, url, sizeof url);
+    snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Location", url);
+    evhttp_add_header(h, "Retry-After", ra);
+    struct buf b;
+    buf_init(&b, 4096);
+    buf_printf(&b, "{\"conversation_id\":\"%s\",\"status\":\"pending\",\"polling_url\":", conv_id);
+    buf_append_json_string(&b, url, strlen(url));
+    buf_printf(&b, ",\"turn\":%ld}\n", turn);
+    http_reply_text(req, 202, b.data, b.len);
+    buf_free(&b);
+}
+
+/* The route's answer once (conv_id, turn) is queued. sub: the submit that queued it, or NULL for a repeat
+ * (an Idempotency-Key seen before), which reads the turn back from Redis. */
 static void answer_accepted(struct api *api, struct evhttp_request *req, const char *conv_id, long turn,
-                            enum submit_mode mode)
+                            enum submit_mode mode, const struct submit *sub)
 {
     switch (mode) {
-    case SUBMIT_ANSWER: {
-        char url[1024], ra[24];
-        api_polling_url(api, conv_id, url, sizeof url);
-        snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s);
-        struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-        evhttp_add_header(h, "Location", url);
-        evhttp_add_header(h, "Retry-After", ra);
-        http_reply_json(req, 202,
-                        json_pack("{s:s, s:s, s:s, s:I}", "conversation_id", conv_id, "status", "pending",
-                                  "polling_url", url, "turn", (json_int_t)turn));
+    case SUBMIT_ANSWER:
+        answer_202(api, req, conv_id, turn);
         break;
-    }
     case SUBMIT_BACKGROUND: {
+        if (sub) {
+            /* OpenAI answers a background create with the queued Response: built from what the submit
+             * holds, without reading the conversation back (the worker may already have moved it on; GET
+             * shows that). */
+            struct turn t = {.status = TURN_PENDING, .req = sub->req_json, .submitted_at = sub->submitted_at};
+            struct conv c = {
+                .id = conv_id, .nturns = turn, .created_at = sub->submitted_at, .updated_at = sub->submitted_at};
+            http_reply_json(req, 200, response_object_queued(api, &c, turn, &t));
+            break;
+        }
         struct load_ctx *lc = xcalloc(1, sizeof *lc);
         lc->api = api;
         lc->req = req;
@@ -191,7 +217,7 @@ static void submit_produced(struct submit *sub, bool ok, const char *why)
         api_reply_unavailable(api, req, "the server is shutting down");
         return;
     }
-    answer_accepted(api, req, sub->conv_id, sub->turn, sub->mode);
+    answer_accepted(api, req, sub->conv_id, sub->turn, sub->mode, sub);
 }
 
 /* Delivery report of a prompt (see kafka.h): the broker's answer. */
@@ -240,12 +266,14 @@ static void submit_stored_cb(void *arg, int rc, long turn)
         idem_release(sub);
     } else {
         sub->turn = turn;
-        json_object_set_new(sub->msg, "turn", json_integer(turn));
-        json_object_set_new(sub->msg, "submitted_at", json_integer(now_ms()));
-        char *value = json_dumps(sub->msg, JSON_COMPACT);
+        char num[24];
+        buf_append(&sub->msg, ",\"turn\":", 8);
+        buf_append(&sub->msg, num, fmt_i64(num, turn));
+        buf_append(&sub->msg, ",\"submitted_at\":", 16);
+        buf_append(&sub->msg, num, fmt_i64(num, sub->submitted_at));
+        buf_append(&sub->msg, "}", 1);
         rd_kafka_resp_err_t e = kafka_produce(api->kp, api->cfg->topic_prompts, sub->conv_id, strlen(sub->conv_id),
-                                              value, strlen(value), NULL, sub);
-        free(value);
+                                              sub->msg.data, sub->msg.len, NULL, sub);
         if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
             sub->refs++; /* the delivery report's */
         else
@@ -254,9 +282,10 @@ static void submit_stored_cb(void *arg, int rc, long turn)
     submit_release(sub);
 }
 
+/* After an idempotency claim: the turn, from the copies. */
 static void submit_store(struct submit *sub)
 {
-    struct turn_meta meta = {sub->req_json, sub->input_json, sub->stream, sub->prev_turn};
+    struct turn_meta meta = {sub->req_json, sub->input_json, sub->stream, sub->prev_turn, sub->submitted_at};
     store_submit(sub->api->st, sub->conv_id, sub->prompt, sub->prompt_len, sub->is_new, &meta, submit_stored_cb, sub);
 }
 
@@ -290,7 +319,7 @@ static void idem_claimed_cb(void *arg, int rc, const char *value)
     } else {
         struct evhttp_request *req = submit_take_req(sub);
         if (req)
-            answer_accepted(api, req, conv, turn, sub->mode);
+            answer_accepted(api, req, conv, turn, sub->mode, NULL);
     }
     submit_release(sub);
 }
@@ -329,6 +358,7 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
     sub->refs = 2; /* the request's and the first Redis command's */
     sub->mode = p->mode;
     sub->is_new = p->conv_id == NULL;
+    sub->submitted_at = now_ms();
     if (p->conv_id) {
         snprintf(sub->conv_id, sizeof sub->conv_id, "%s", p->conv_id);
     } else if (conv_id_new(sub->conv_id)) {
@@ -336,28 +366,50 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
         api_reply_unavailable(api, req, "no randomness available for a conversation id");
         return;
     }
-    sub->prompt = xstrndup(p->prompt, p->prompt_len);
-    sub->prompt_len = p->prompt_len;
-    if (p->meta) {
-        sub->req_json = p->meta->req ? xstrdup(p->meta->req) : NULL;
-        sub->input_json = p->meta->input ? xstrdup(p->meta->input) : NULL;
-        sub->stream = p->meta->stream;
-        sub->prev_turn = p->meta->prev_turn;
+    buf_init(&sub->msg, SIZE_MAX / 2);
+    buf_append(&sub->msg, "{\"conversation_id\":\"", 20);
+    buf_append(&sub->msg, sub->conv_id, strlen(sub->conv_id));
+    buf_append(&sub->msg, "\",\"prompt\":", 11);
+    buf_append_json_string(&sub->msg, p->prompt, p->prompt_len);
+    if (p->extra && json_object_size(p->extra) > 0) {
+        size_t el;
+        char *extra = jsonw_dumps(p->extra, &el); /* "{...}": its members go after ours */
+        if (extra && el > 2) {
+            buf_append(&sub->msg, ",", 1);
+            buf_append(&sub->msg, extra + 1, el - 2);
+        }
+        free(extra);
     }
-    sub->msg = p->extra ? json_deep_copy(p->extra) : json_object();
-    json_object_set_new(sub->msg, "conversation_id", json_string(sub->conv_id));
-    json_object_set_new(sub->msg, "prompt", json_stringn(sub->prompt, sub->prompt_len));
-    sub->deadline = evtimer_new(api->base, submit_deadline_cb, sub);
-    struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
-    evtimer_add(sub->deadline, &tv);
+    if (p->meta && p->meta->req && (p->idem_key || p->mode == SUBMIT_BACKGROUND))
+        sub->req_json = xstrdup(p->meta->req);
+    if (!api->submit_timeout) {
+        struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
+        api->submit_timeout = event_base_init_common_timeout(api->base, &tv);
+    }
+    evtimer_assign(&sub->deadline, api->base, submit_deadline_cb, sub);
+    evtimer_add(&sub->deadline, api->submit_timeout);
     api->waiting++;
     if (p->idem_key) {
+        /* Redis is called after the claim: keep what it needs. */
+        sub->prompt = xstrndup(p->prompt, p->prompt_len);
+        sub->prompt_len = p->prompt_len;
+        if (p->meta) {
+            sub->input_json = p->meta->input ? xstrdup(p->meta->input) : NULL;
+            sub->stream = p->meta->stream;
+            sub->prev_turn = p->meta->prev_turn;
+        }
         /* The claim itself lives only as long as a submit can take, so that a crash between claim and
          * produce does not block the key for a day. */
         long claim_ttl = api->cfg->request_timeout_ms / 1000 * 2 + 60;
         sub->idem_key = idem_redis_key(req, p->idem_key, p->mode);
         store_idem_claim(api->st, sub->idem_key, claim_ttl, idem_claimed_cb, sub);
     } else {
-        submit_store(sub);
+        struct turn_meta meta = {NULL, NULL, false, 0, sub->submitted_at};
+        if (p->meta) {
+            meta = *p->meta;
+            meta.submitted_at = sub->submitted_at;
+        }
+        sub->prev_turn = meta.prev_turn; /* for the error message */
+        store_submit(api->st, sub->conv_id, p->prompt, p->prompt_len, sub->is_new, &meta, submit_stored_cb, sub);
     }
 }

@@ -55,6 +55,7 @@ struct watch {
     bool busy;           /* a Redis read is in flight */
     bool dirty;          /* woken while busy: read again after */
     bool finishing;      /* answer at the next read, whatever it shows */
+    bool subscribed;     /* it waits: its conversation's notifications are wanted (notify_watch) */
     bool streaming;      /* W_STREAM: the reply has started */
     long after_entry;    /* W_STREAM: position of the last stored event read */
     long next_seq;       /* W_STREAM: sequence number of the next SSE event */
@@ -73,8 +74,9 @@ static void watch_link(struct watch *w)
         l = xcalloc(1, sizeof *l);
         snprintf(l->conv_id, sizeof l->conv_id, "%s", w->conv_id);
         map_put(api->watches, l->conv_id, l);
-        notify_watch(api->notify, l->conv_id);
     }
+    if (w->subscribed)
+        notify_watch(api->notify, l->conv_id);
     w->list = l;
     w->next = l->head;
     if (l->head)
@@ -97,8 +99,9 @@ static void watch_unlink(struct watch *w)
         l->head = w->next;
     if (w->next)
         w->next->prev = w->prev;
-    if (!l->head) {
+    if (w->subscribed)
         notify_unwatch(w->api->notify, l->conv_id);
+    if (!l->head) {
         map_del(w->api->watches, l->conv_id);
         free(l);
     }
@@ -125,14 +128,17 @@ static void watch_done(struct watch *w)
         free(w);
 }
 
+/* waits: false for a poll answered at its first read (no subscription needed). */
 static struct watch *watch_new(struct api *api, enum watch_kind kind, struct evhttp_request *req, const char *conv_id,
-                               long turn)
+                               long turn, bool waits)
 {
     struct watch *w = xcalloc(1, sizeof *w);
     w->api = api;
     w->kind = kind;
     w->req = req;
     w->turn = turn;
+    w->subscribed = waits;
+    w->finishing = !waits;
     snprintf(w->conv_id, sizeof w->conv_id, "%s", conv_id);
     watch_link(w);
     return w;
@@ -217,17 +223,15 @@ void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id
 {
     if (api->stopping)
         wait_s = 0;
-    struct watch *w = watch_new(api, W_POLL, req, conv_id, 0);
-    if (wait_s <= 0)
-        w->finishing = true;
-    else
+    struct watch *w = watch_new(api, W_POLL, req, conv_id, 0, wait_s > 0);
+    if (wait_s > 0)
         arm(w, wait_s, finish_timer_cb, false);
     wake(w);
 }
 
 void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
 {
-    struct watch *w = watch_new(api, W_SYNC, req, conv_id, turn);
+    struct watch *w = watch_new(api, W_SYNC, req, conv_id, turn, true);
     arm(w, api->cfg->sync_timeout_s, finish_timer_cb, false);
     wake(w);
 }
@@ -328,7 +332,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
 
 void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_id, long turn, long starting_after)
 {
-    struct watch *w = watch_new(api, W_STREAM, req, conv_id, turn);
+    struct watch *w = watch_new(api, W_STREAM, req, conv_id, turn, true);
     w->starting_after = starting_after;
     wake(w);
 }
