@@ -176,16 +176,37 @@ int buf_printf(struct buf *b, const char *fmt, ...)
     return rc;
 }
 
+/* 1 for the bytes a JSON string must escape: control characters, '"' and '\\'. */
+static const unsigned char json_escape[256] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,         1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ['"'] = 1, ['\\'] = 1,
+};
+
 int buf_append_json_string(struct buf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789ABCDEF";
-    size_t len0 = b->len;
-    if (buf_append(b, "\"", 1))
+    const unsigned char *u = (const unsigned char *)s;
+    size_t clean = 0; /* the common case: nothing to escape, one copy */
+    while (clean < n && !json_escape[u[clean]])
+        clean++;
+    if (n + 2 > b->max - b->len)
         return -1;
-    size_t run = 0; /* start of the bytes copied as they are */
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
+    if (b->len + n + 3 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n + 3)
+            cap *= 2;
+        b->data = xrealloc(b->data, cap);
+        b->cap = cap;
+    }
+    size_t len0 = b->len;
+    b->data[b->len++] = '"';
+    memcpy(b->data + b->len, s, clean);
+    b->len += clean;
+    b->data[b->len] = '\0';
+    size_t run = clean; /* start of the bytes copied as they are */
+    for (size_t i = clean; i < n; i++) {
+        unsigned char c = u[i];
+        if (!json_escape[c])
             continue;
         char esc[6] = {'\\', 0};
         size_t el = 2;
@@ -226,8 +247,7 @@ int buf_append_json_string(struct buf *b, const char *s, size_t n)
         return 0;
 fail:
     b->len = len0;
-    if (b->data)
-        b->data[len0] = '\0';
+    b->data[len0] = '\0';
     return -1;
 }
 

@@ -72,6 +72,7 @@ struct submit_params {
     const char *conv_id;          /* NULL: a new conversation */
     const struct turn_meta *meta; /* stored with the turn; NULL for none */
     json_t *extra;                /* more fields for the Kafka message (borrowed), or NULL */
+    json_t *req_obj;              /* meta->req as parsed (borrowed), or NULL */
     const char *idem_key;         /* the Idempotency-Key header, or NULL */
     enum submit_mode mode;
 };
@@ -98,8 +99,9 @@ void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_
 bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
 /* The Response object of a turn (t must exist). */
 json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
-/* The same as its create event shows it: status "queued", no output (STAGE_QUEUED). */
-json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
+/* The same as its create event shows it: status "queued", no output (STAGE_QUEUED). req: t->req parsed, or NULL. */
+json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                               json_t *req);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);
 /* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose

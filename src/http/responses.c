@@ -101,13 +101,14 @@ static json_t *req_field(json_t *req, const char *name)
     return v ? json_incref(v) : json_null();
 }
 
-static json_t *response_object_at(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                                  enum stage stage)
+/* req_parsed: t->req already parsed (borrowed), or NULL to parse it here. */
+static json_t *response_object_with(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                                    enum stage stage, json_t *req_parsed)
 {
     const char *conv_id = conv->id;
     char id[112];
     response_id(id, sizeof id, conv_id, turn);
-    json_t *req = t->req ? json_loads(t->req, 0, NULL) : NULL;
+    json_t *req = req_parsed ? json_incref(req_parsed) : t->req ? json_loads(t->req, 0, NULL) : NULL;
     const char *status = stage == STAGE_QUEUED        ? "queued"
                          : stage == STAGE_IN_PROGRESS ? "in_progress"
                                                       : openai_status(t);
@@ -174,14 +175,21 @@ static json_t *response_object_at(const struct api *api, const struct conv *conv
     return r;
 }
 
+static json_t *response_object_at(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                                  enum stage stage)
+{
+    return response_object_with(api, conv, turn, t, stage, NULL);
+}
+
 json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t)
 {
     return response_object_at(api, conv, turn, t, STAGE_NOW);
 }
 
-json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t)
+json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                               json_t *req)
 {
-    return response_object_at(api, conv, turn, t, STAGE_QUEUED);
+    return response_object_with(api, conv, turn, t, STAGE_QUEUED, req);
 }
 
 /* ---------------------------------------------------------------- streaming events */
@@ -467,6 +475,7 @@ static void handle_create(struct api *api, struct evhttp_request *req)
                 .conv_id = prev ? conv : NULL,
                 .meta = &meta,
                 .extra = extra,
+                .req_obj = reqp,
                 .idem_key = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key"),
                 .mode = stream       ? SUBMIT_STREAM
                         : background ? SUBMIT_BACKGROUND

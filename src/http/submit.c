@@ -44,7 +44,8 @@ struct submit {
     /* The Kafka message, built once as text without jansson: {"conversation_id":...,"prompt":...,<extra>
      * then, once Redis gave the turn, ,"turn":N,"submitted_at":T}. */
     struct buf msg;
-    char *req_json; /* the turn_meta's request parameters (SUBMIT_BACKGROUND answers with them), or NULL */
+    char *req_json;  /* the turn_meta's request parameters (SUBMIT_BACKGROUND answers with them), or NULL */
+    json_t *req_obj; /* the same, parsed (SUBMIT_BACKGROUND), or NULL */
     /* Copies kept only when Redis is called later (after an idempotency claim): */
     char *prompt;
     size_t prompt_len;
@@ -64,6 +65,7 @@ static void submit_release(struct submit *sub)
     free(sub->input_json);
     free(sub->idem_key);
     buf_free(&sub->msg);
+    json_decref(sub->req_obj);
     free(sub);
 }
 
@@ -169,7 +171,7 @@ static void answer_accepted(struct api *api, struct evhttp_request *req, const c
             struct turn t = {.status = TURN_PENDING, .req = sub->req_json, .submitted_at = sub->submitted_at};
             struct conv c = {
                 .id = conv_id, .nturns = turn, .created_at = sub->submitted_at, .updated_at = sub->submitted_at};
-            http_reply_json(req, 200, response_object_queued(api, &c, turn, &t));
+            http_reply_json(req, 200, response_object_queued(api, &c, turn, &t, sub->req_obj));
             break;
         }
         struct load_ctx *lc = xcalloc(1, sizeof *lc);
@@ -382,6 +384,8 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
     }
     if (p->meta && p->meta->req && (p->idem_key || p->mode == SUBMIT_BACKGROUND))
         sub->req_json = xstrdup(p->meta->req);
+    if (p->mode == SUBMIT_BACKGROUND && p->req_obj)
+        sub->req_obj = json_incref(p->req_obj);
     if (!api->submit_timeout) {
         struct timeval tv = {api->cfg->request_timeout_ms / 1000, (api->cfg->request_timeout_ms % 1000) * 1000};
         api->submit_timeout = event_base_init_common_timeout(api->base, &tv);
