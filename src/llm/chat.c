@@ -13,50 +13,6 @@ char *chat_request_new(const char *model, long max_tokens, const struct chat_msg
     return chat_request_new_opts(model, &o, msgs, n, len);
 }
 
-void chat_json_string(struct buf *b, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    buf_append(b, "\"", 1);
-    size_t run = 0; /* start of the bytes copied as they are */
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
-            continue;
-        buf_append(b, s + run, i - run);
-        run = i + 1;
-        char esc[6] = {'\\', (char)c};
-        size_t el = 2;
-        switch (c) {
-        case '"':
-        case '\\':
-            break;
-        case '\b':
-            esc[1] = 'b';
-            break;
-        case '\f':
-            esc[1] = 'f';
-            break;
-        case '\n':
-            esc[1] = 'n';
-            break;
-        case '\r':
-            esc[1] = 'r';
-            break;
-        case '\t':
-            esc[1] = 't';
-            break;
-        default:
-            memcpy(esc + 1, "u00", 3);
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            el = 6;
-        }
-        buf_append(b, esc, el);
-    }
-    buf_append(b, s + run, n - run);
-    buf_append(b, "\"", 1);
-}
-
 /* A real number as jansson writes it ("%.17g", with ".0" when it would read as an integer). */
 static void json_real_append(struct buf *b, double d)
 {
@@ -73,13 +29,13 @@ char *chat_request_new_opts(const char *model, const struct chat_opts *o, const 
     struct buf b;
     buf_init(&b, (size_t)-1);
     buf_append(&b, "{\"model\":", 9);
-    chat_json_string(&b, model, strlen(model));
+    buf_append_json_string(&b, model, strlen(model));
     buf_append(&b, ",\"messages\":[", 13);
     for (size_t i = 0; i < n; i++) {
         buf_append(&b, i ? ",{\"role\":" : "{\"role\":", i ? 9 : 8);
-        chat_json_string(&b, msgs[i].role, strlen(msgs[i].role));
+        buf_append_json_string(&b, msgs[i].role, strlen(msgs[i].role));
         buf_append(&b, ",\"content\":", 11);
-        chat_json_string(&b, msgs[i].content ? msgs[i].content : "", msgs[i].content ? msgs[i].len : 0);
+        buf_append_json_string(&b, msgs[i].content ? msgs[i].content : "", msgs[i].content ? msgs[i].len : 0);
         buf_append(&b, "}", 1);
     }
     buf_append(&b, "]", 1);

@@ -14,11 +14,6 @@ struct chat_msg {
 /* Returns a malloc'd JSON request body (the caller frees it) and its length in *len. max_tokens <= 0: not sent. */
 char *chat_request_new(const char *model, long max_tokens, const struct chat_msg *msgs, size_t n, size_t *len);
 
-struct buf;
-/* Appends s[0..n) to b as a JSON string (quoted; ", \ and control characters escaped, other bytes as they are,
- * as json_dumps writes them). For the bodies built on every call, without a jansson tree. */
-void chat_json_string(struct buf *b, const char *s, size_t n);
-
 struct chat_result {
     char *content; /* malloc'd, NUL-terminated (may hold "" for an empty answer) */
     size_t content_len;

@@ -412,7 +412,7 @@ static void job_retry_infra(struct job *job, enum job_step step, const char *wha
 static void json_key_str(struct buf *b, const char *key, const char *s, size_t n)
 {
     buf_append(b, key, strlen(key));
-    chat_json_string(b, s ? s : "", s ? n : 0);
+    buf_append_json_string(b, s ? s : "", s ? n : 0);
 }
 
 static void json_key_int(struct buf *b, const char *key, long long v)
