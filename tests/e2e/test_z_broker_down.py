@@ -3,11 +3,15 @@ back: normal service. Runs last (it stops the stack's Kafka); the broker is star
 happens."""
 
 import contextlib
+import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from conftest import assert_error, llm_answer, stack, unique, wait_for
+from conftest import REPO, assert_error, llm_answer, stack, unique, wait_for
 
 PRODUCE_TIMEOUT_MS = 3000
 # The worker's consumer-group session timeout is 10 s (src/kafka/kafka.c): an outage longer than that
@@ -111,3 +115,38 @@ def test_readyz_stays_503_while_the_broker_is_down(api, worker):
                      f"broker still stopped ({len(bad)} of {len(samples)} samples over 6 s were not 503)")
     body = samples[0][2]
     assert '"kafka":false' in body.replace(" ", ""), body
+
+
+def _stack_pid(name):
+    d = Path(os.environ.get("ASYNCLLM_STACK_DIR") or (REPO / ".stack"))
+    return int((d / "run" / f"{name}.pid").read_text().strip())
+
+
+def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, redis):
+    """The worst moment for a failed follow-up: Redis took the turn, then the broker did not acknowledge it (the
+    client gets 503), and Redis is unreachable when the API marks the turn rejected. The API keeps the rejection
+    and writes it once Redis is back, so the turn does not stay `pending` forever. Kafka is paused (SIGSTOP),
+    not stopped, so that the API still sees it up when the follow-up arrives; Redis is stopped and started."""
+    api2 = cluster.start("api", produce_timeout_ms=1500, redis_timeout_ms=500, request_timeout_ms=10000)
+    cid = api2.submit(unique("first turn"))["conversation_id"]
+    key = f"asyncllm:conv:{cid}"
+    kpid = _stack_pid("kafka")
+    os.kill(kpid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(api2.submit_post, unique("follow-up answered 503"), cid)
+            wait_for(lambda: redis.command("HGET", key, "t2.status") == b"pending", 10,
+                     "the follow-up to write its turn to Redis", interval=0.02)
+            stack("redis-stop")  # graceful: the turn is in its AOF; the API's connection is closed
+            try:
+                r = fut.result(timeout=30)
+                assert_error(r, 503)
+                time.sleep(1.0)  # the rejection could not be written: it waits for Redis
+            finally:
+                stack("redis-start")
+    finally:
+        os.kill(kpid, signal.SIGCONT)
+    wait_for(lambda: redis.command("HGET", key, "t2.status") == b"rejected", 20,
+             "the API to mark the follow-up rejected once Redis is back", interval=0.2)
+    assert "as rejected" in api2.proc.log_path.read_text()
+    wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
