@@ -139,8 +139,11 @@ static const char LUA_FINISH[] = LUA_EVENT_FN
     "notify(ARGV[14], ARGV[1], 'status')\n"
     "return 1\n";
 
-static const char LUA_PUBLISHED[] = "if redis.call('EXISTS', KEYS[1]) == 1 then\n"
-                                    "  redis.call('HSET', KEYS[1], 't' .. ARGV[1] .. '.published', '1')\n"
+/* Marks turns published, several at once: KEYS[i] is a conversation, ARGV[i] its turn. */
+static const char LUA_PUBLISHED[] = "for i = 1, #KEYS do\n"
+                                    "  if redis.call('EXISTS', KEYS[i]) == 1 then\n"
+                                    "    redis.call('HSET', KEYS[i], 't' .. ARGV[i] .. '.published', '1')\n"
+                                    "  end\n"
                                     "end\n"
                                     "return 1\n";
 
@@ -277,7 +280,20 @@ struct store {
     struct reject *rejects;
     size_t nrejects;
     struct event *reject_ev;
+    /* Published marks are sent in batches, one script call per loop iteration (or per PUBMARKS_MAX): a script
+     * call costs Redis about as much again as the commands it runs. */
+    struct pubmark *marks;
+    size_t nmarks;
+    struct event *marks_ev;
 };
+
+/* A published mark waiting for the batch of its loop iteration (store_mark_published). */
+struct pubmark {
+    char key[96];
+    char turn[24];
+};
+
+#define PUBMARKS_MAX 256 /* marks per script call */
 
 struct reject {
     struct reject *next;
@@ -290,6 +306,8 @@ struct reject {
 #define REJECT_RETRY_MS 500
 
 static void reject_retry_cb(evutil_socket_t fd, short what, void *arg);
+static void marks_cb(evutil_socket_t fd, short what, void *arg);
+static void marks_flush(struct store *st);
 
 struct op {
     struct store *st;
@@ -467,6 +485,7 @@ struct store *store_new(struct event_base *base, const struct config *cfg)
     st->reconnect_ms = RECONNECT_MIN_MS;
     st->reconnect_ev = evtimer_new(base, reconnect_cb, st);
     st->reject_ev = evtimer_new(base, reject_retry_cb, st);
+    st->marks_ev = event_new(base, -1, 0, marks_cb, st);
     store_connect(st);
     return st;
 }
@@ -480,6 +499,8 @@ void store_free(struct store *st)
         redisAsyncFree(st->ac); /* answers pending commands with NULL replies */
     event_free(st->reconnect_ev);
     event_free(st->reject_ev);
+    event_free(st->marks_ev);
+    free(st->marks);
     if (st->nrejects)
         log_warn("redis: %zu turn(s) answered 503 could not be marked rejected before exit: they stay pending",
                  st->nrejects);
@@ -500,6 +521,7 @@ bool store_connected(const struct store *st)
 void store_drain(struct store *st, int timeout_ms)
 {
     int64_t deadline = mono_ms() + timeout_ms;
+    marks_flush(st);
     while (st->pending > 0 && st->ac && mono_ms() < deadline)
         event_base_loop(st->base, EVLOOP_ONCE);
     if (st->pending > 0)
@@ -1142,13 +1164,48 @@ void store_finish(struct store *st, const char *conv_id, long turn, const struct
     EVAL(st, op, LUA_FINISH, 1, argv, lens);
 }
 
+static void marks_flush(struct store *st)
+{
+    if (st->nmarks == 0)
+        return;
+    size_t n = st->nmarks;
+    st->nmarks = 0;
+    const char *sha = script_sha(LUA_PUBLISHED);
+    char nk[24];
+    fmt_i64(nk, (int64_t)n);
+    const char **argv = xmalloc((3 + 2 * n) * sizeof *argv);
+    argv[0] = "EVALSHA";
+    argv[1] = sha;
+    argv[2] = nk;
+    for (size_t i = 0; i < n; i++) {
+        argv[3 + i] = st->marks[i].key;
+        argv[3 + n + i] = st->marks[i].turn;
+    }
+    struct buf *b = resp_scratch(st);
+    resp_append(b, (int)(3 + 2 * n), argv, NULL);
+    free(argv);
+    /* the op's conversation is only for logs: the batch's first */
+    op_send_formatted(st, op_new(OP_PUBLISHED, st->marks[0].key + sizeof KEY_PREFIX - 1, NULL), b->data, b->len);
+}
+
+static void marks_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    marks_flush(arg);
+}
+
 void store_mark_published(struct store *st, const char *conv_id, long turn)
 {
-    KEYBUF(key, conv_id);
-    struct nums n;
-    nums_fill(&n, st, turn);
-    const char *argv[] = {key, n.turn};
-    EVAL(st, op_new(OP_PUBLISHED, conv_id, NULL), LUA_PUBLISHED, 1, argv, NULL);
+    if (!st->marks)
+        st->marks = xmalloc(PUBMARKS_MAX * sizeof *st->marks);
+    struct pubmark *m = &st->marks[st->nmarks++];
+    key_fill(m->key, sizeof m->key, conv_id);
+    fmt_i64(m->turn, turn);
+    if (st->nmarks == PUBMARKS_MAX)
+        marks_flush(st);
+    else if (st->nmarks == 1)
+        event_active(st->marks_ev, EV_TIMEOUT, 0); /* at the end of this loop iteration */
 }
 
 void store_cancel(struct store *st, const char *conv_id, long turn, store_rc_cb *cb, void *arg)
