@@ -159,15 +159,23 @@ static void on_connect(const redisAsyncContext *ac, int status)
     }
 }
 
+/* The channels, as a malloc'd array (the caller frees it) that stays valid while the map changes; NULL if none. */
+static struct chan **chans_snapshot(const struct notify *n, size_t *cnt)
+{
+    *cnt = map_count(n->chans);
+    if (*cnt == 0)
+        return NULL;
+    void **all = xmalloc(*cnt * sizeof *all);
+    *cnt = map_values(n->chans, all, *cnt);
+    return (struct chan **)all;
+}
+
 /* The connection is gone: no subscription is active or in flight any more. Channels still watched are
  * subscribed again with the connection; the others are forgotten. */
 static void chans_reset(struct notify *n)
 {
-    size_t cnt = map_count(n->chans);
-    if (cnt == 0)
-        return;
-    void **all = xmalloc(cnt * sizeof *all);
-    cnt = map_values(n->chans, all, cnt);
+    size_t cnt;
+    struct chan **all = chans_snapshot(n, &cnt);
     for (size_t i = 0; i < cnt; i++) {
         struct chan *c = all[i];
         if (c->refs > 0)
@@ -181,11 +189,8 @@ static void chans_reset(struct notify *n)
 /* Subscribes, on a new connection, the conversations still watched. */
 static void chans_resubscribe(struct notify *n)
 {
-    size_t cnt = map_count(n->chans);
-    if (cnt == 0)
-        return;
-    void **all = xmalloc(cnt * sizeof *all);
-    cnt = map_values(n->chans, all, cnt);
+    size_t cnt;
+    struct chan **all = chans_snapshot(n, &cnt);
     for (size_t i = 0; i < cnt; i++) {
         struct chan *c = all[i];
         if (c->state == CH_IDLE)
@@ -280,14 +285,11 @@ void notify_free(struct notify *n)
     n->closing = true;
     if (n->ac)
         redisAsyncFree(n->ac); /* calls on_disconnect: chans_reset */
-    size_t cnt = map_count(n->chans);
-    if (cnt) {
-        void **all = xmalloc(cnt * sizeof *all);
-        cnt = map_values(n->chans, all, cnt);
-        for (size_t i = 0; i < cnt; i++)
-            free(all[i]);
-        free(all);
-    }
+    size_t cnt;
+    struct chan **all = chans_snapshot(n, &cnt);
+    for (size_t i = 0; i < cnt; i++)
+        free(all[i]);
+    free(all);
     map_free(n->chans);
     event_free(n->reconnect_ev);
     free(n);
