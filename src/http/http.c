@@ -97,10 +97,18 @@ void http_reply_json(struct evhttp_request *req, int code, json_t *obj)
     struct buf b;
     buf_init(&b, SIZE_MAX / 2);
     bool ok = jsonw_append(&b, obj) == 0 && buf_append(&b, "\n", 1) == 0;
-    json_decref(obj);
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
-    if (ok && evbuffer_add_reference(out, b.data, b.len, free_text, NULL) == 0)
+    if (ok && evbuffer_add_reference(out, b.data, b.len, free_text, NULL) == 0) {
         b.data = NULL; /* the buffer frees it once sent */
+    } else {           /* deeper than jsonw goes: jansson's own writer */
+        char *s = json_dumps(obj, JSON_COMPACT);
+        if (s) {
+            evbuffer_add(out, s, strlen(s));
+            evbuffer_add(out, "\n", 1);
+            free(s);
+        }
+    }
+    json_decref(obj);
     buf_free(&b);
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
     evhttp_add_header(h, "Content-Type", "application/json");
