@@ -136,7 +136,7 @@ static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
     free(lc);
 }
 
-/* POST /answer's 202, written without jansson (ids and numbers need no escaping; the URL is escaped). */
+/* POST /answer's 202, written without jansson. */
 static void answer_202(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
 {
     char url[1024], ra[24];
@@ -147,7 +147,9 @@ static void answer_202(struct api *api, struct evhttp_request *req, const char *
     evhttp_add_header(h, "Retry-After", ra);
     struct buf b;
     buf_init(&b, 4096);
-    buf_printf(&b, "{\"conversation_id\":\"%s\",\"status\":\"pending\",\"polling_url\":", conv_id);
+    buf_append_lit(&b, "{\"conversation_id\":");
+    buf_append_json_string(&b, conv_id, strlen(conv_id)); /* validated, or read back from Redis: escaped anyway */
+    buf_append_lit(&b, ",\"status\":\"pending\",\"polling_url\":");
     buf_append_json_string(&b, url, strlen(url));
     buf_printf(&b, ",\"turn\":%ld}\n", turn);
     http_reply_text(req, 202, b.data, b.len);
@@ -269,11 +271,11 @@ static void submit_stored_cb(void *arg, int rc, long turn)
     } else {
         sub->turn = turn;
         char num[24];
-        buf_append(&sub->msg, ",\"turn\":", 8);
+        buf_append_lit(&sub->msg, ",\"turn\":");
         buf_append(&sub->msg, num, fmt_i64(num, turn));
-        buf_append(&sub->msg, ",\"submitted_at\":", 16);
+        buf_append_lit(&sub->msg, ",\"submitted_at\":");
         buf_append(&sub->msg, num, fmt_i64(num, sub->submitted_at));
-        buf_append(&sub->msg, "}", 1);
+        buf_append_lit(&sub->msg, "}");
         rd_kafka_resp_err_t e = kafka_produce(api->kp, api->cfg->topic_prompts, sub->conv_id, strlen(sub->conv_id),
                                               sub->msg.data, sub->msg.len, NULL, sub);
         if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -369,15 +371,15 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
         return;
     }
     buf_init(&sub->msg, SIZE_MAX / 2);
-    buf_append(&sub->msg, "{\"conversation_id\":\"", 20);
+    buf_append_lit(&sub->msg, "{\"conversation_id\":\"");
     buf_append(&sub->msg, sub->conv_id, strlen(sub->conv_id));
-    buf_append(&sub->msg, "\",\"prompt\":", 11);
+    buf_append_lit(&sub->msg, "\",\"prompt\":");
     buf_append_json_string(&sub->msg, p->prompt, p->prompt_len);
     if (p->extra && json_object_size(p->extra) > 0) {
         size_t el;
         char *extra = jsonw_dumps(p->extra, &el); /* "{...}": its members go after ours */
         if (extra && el > 2) {
-            buf_append(&sub->msg, ",", 1);
+            buf_append_lit(&sub->msg, ",");
             buf_append(&sub->msg, extra + 1, el - 2);
         }
         free(extra);
