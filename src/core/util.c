@@ -121,7 +121,8 @@ void buf_init(struct buf *b, size_t max)
     b->max = max;
 }
 
-int buf_append(struct buf *b, const void *p, size_t n)
+/* Room for n more bytes and the NUL; -1 past max. */
+static int buf_reserve(struct buf *b, size_t n)
 {
     if (n > b->max - b->len)
         return -1;
@@ -132,6 +133,13 @@ int buf_append(struct buf *b, const void *p, size_t n)
         b->data = xrealloc(b->data, cap);
         b->cap = cap;
     }
+    return 0;
+}
+
+int buf_append(struct buf *b, const void *p, size_t n)
+{
+    if (buf_reserve(b, n))
+        return -1;
     memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -189,15 +197,8 @@ int buf_append_json_string(struct buf *b, const char *s, size_t n)
     size_t clean = 0; /* the common case: nothing to escape, one copy */
     while (clean < n && !json_escape[u[clean]])
         clean++;
-    if (n + 2 > b->max - b->len)
+    if (buf_reserve(b, n + 2))
         return -1;
-    if (b->len + n + 3 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 3)
-            cap *= 2;
-        b->data = xrealloc(b->data, cap);
-        b->cap = cap;
-    }
     size_t len0 = b->len;
     b->data[b->len++] = '"';
     memcpy(b->data + b->len, s, clean);

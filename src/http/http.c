@@ -85,6 +85,15 @@ static struct evhttp *server_new(struct event_base *base, const struct config *c
     return http;
 }
 
+/* The headers of every JSON answer, then the answer (its body is in the output buffer). */
+static void send_json(struct evhttp_request *req, int code)
+{
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evhttp_add_header(h, "Cache-Control", "no-store");
+    evhttp_send_reply(req, code, NULL, NULL);
+}
+
 static void free_text(const void *data, size_t len, void *arg)
 {
     (void)len;
@@ -110,10 +119,7 @@ void http_reply_json(struct evhttp_request *req, int code, json_t *obj)
     }
     json_decref(obj);
     buf_free(&b);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Content-Type", "application/json");
-    evhttp_add_header(h, "Cache-Control", "no-store");
-    evhttp_send_reply(req, code, NULL, NULL);
+    send_json(req, code);
 }
 
 struct evhttp *http_server_new(struct event_base *base, const struct config *cfg, const char *addr, int port_wanted,
@@ -134,20 +140,14 @@ struct evhttp *http_server_new_shared(struct event_base *base, const struct conf
 void http_reply_text(struct evhttp_request *req, int code, const char *json, size_t len)
 {
     evbuffer_add(evhttp_request_get_output_buffer(req), json, len);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Content-Type", "application/json");
-    evhttp_add_header(h, "Cache-Control", "no-store");
-    evhttp_send_reply(req, code, NULL, NULL);
+    send_json(req, code);
 }
 
 void http_reply_static(struct evhttp_request *req, int code, const char *json)
 {
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
     evbuffer_add_reference(out, json, strlen(json), NULL, NULL);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Content-Type", "application/json");
-    evhttp_add_header(h, "Cache-Control", "no-store");
-    evhttp_send_reply(req, code, NULL, NULL);
+    send_json(req, code);
 }
 
 static void reply_error_v(struct evhttp_request *req, int code, const char *type, const char *errcode,

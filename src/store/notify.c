@@ -63,6 +63,12 @@ static void reconnect_cb(evutil_socket_t fd, short what, void *arg)
     notify_connect(arg);
 }
 
+static void chan_drop(struct notify *n, struct chan *c)
+{
+    map_del(n->chans, c->name);
+    free(c);
+}
+
 static void chan_send(struct notify *n, struct chan *c, const char *cmd)
 {
     c->state = strcmp(cmd, "SUBSCRIBE") == 0 ? CH_SUBSCRIBING : CH_UNSUBSCRIBING;
@@ -70,12 +76,8 @@ static void chan_send(struct notify *n, struct chan *c, const char *cmd)
         redisAsyncCommand(n->ac, message_cb, n, "%s %s", cmd, c->name);
     else if (c->state == CH_SUBSCRIBING)
         c->state = CH_IDLE; /* subscribed when the connection is back */
-}
-
-static void chan_drop(struct notify *n, struct chan *c)
-{
-    map_del(n->chans, c->name);
-    free(c);
+    else
+        chan_drop(n, c); /* nothing to unsubscribe from without a connection */
 }
 
 /* Parses "<conv> <turn> <what>" and hands it on. */
