@@ -97,11 +97,18 @@ void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_
 
 /* Handles /v1/... routes; returns false if path is not one of them. */
 bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
-/* The Response object of a turn (t must exist). */
-json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t);
-/* The same as its create event shows it: status "queued", no output (STAGE_QUEUED). req: t->req parsed, or NULL. */
-json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                               json_t *req);
+/* How a Response object shows its turn: as its create event does (status "queued", no output), as its
+ * in_progress event does, or as the turn is now. */
+enum response_stage { RESPONSE_QUEUED, RESPONSE_IN_PROGRESS, RESPONSE_NOW };
+/* Appends the Response object of a turn (t must exist) to b. req: t->req parsed (borrowed), or NULL. Returns 0,
+ * or -1 if a member of req is nested too deep to write (create never stores one). */
+struct buf;
+int response_text(struct buf *b, const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                  enum response_stage stage, const json_t *req);
+/* Answers 200 with the Response object (see response_text). reqp: t->req parsed (borrowed), or NULL to parse
+ * it here. */
+void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
+                    const struct turn *t, enum response_stage stage, const json_t *reqp);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);
 /* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose

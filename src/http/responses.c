@@ -59,7 +59,11 @@ static bool parse_response_id(const char *id, char *conv, size_t convlen, long *
 
 /* ---------------------------------------------------------------- the Response object */
 
-enum stage { STAGE_QUEUED, STAGE_IN_PROGRESS, STAGE_NOW };
+/* The Response object and the stream's events are written as text, straight into a buffer: building them as
+ * jansson trees and then writing those cost about 50,000 instructions per answer, a third of a background
+ * create. The text is what jansson's compact writer gave for the trees of the previous version, byte for byte
+ * (tests/unit/test_responses.c keeps that version and compares): members in the same order, values echoed from
+ * the request through jsonw (jansson's number formats), strings escaped like jansson's. */
 
 static const char *openai_status(const struct turn *t)
 {
@@ -79,191 +83,325 @@ static const char *openai_status(const struct turn *t)
     }
 }
 
-static json_t *message_item(const char *conv_id, long turn, const struct turn *t, bool done)
+static void append_i64(struct buf *b, int64_t v)
 {
-    char id[112];
-    snprintf(id, sizeof id, "msg_%s_%ld", conv_id, turn);
-    json_t *content = json_array();
-    if (done)
-        json_array_append_new(content, json_pack("{s:s, s:s%, s:[]}", "type", "output_text", "text",
-                                                 t->response ? t->response : "", t->response ? t->response_len : 0,
-                                                 "annotations"));
-    return json_pack("{s:s, s:s, s:s, s:s, s:o}", "type", "message", "id", id, "status",
-                     !done                                                         ? "in_progress"
-                     : t->finish_reason && strcmp(t->finish_reason, "length") == 0 ? "incomplete"
-                                                                                   : "completed",
-                     "role", "assistant", "content", content);
+    char num[24];
+    buf_append(b, num, fmt_i64(num, v));
 }
 
-static json_t *req_field(json_t *req, const char *name)
+static void append_str(struct buf *b, const char *s)
 {
-    json_t *v = json_object_get(req, name);
-    return v ? json_incref(v) : json_null();
+    buf_append_json_string(b, s, strlen(s));
 }
 
-/* req_parsed: t->req already parsed (borrowed), or NULL to parse it here. */
-static json_t *response_object_with(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                                    enum stage stage, json_t *req_parsed)
+/* "<prefix><conversation>_<turn>" as a JSON string: the ids of responses and of their message items. */
+static void append_id(struct buf *b, const char *prefix, const char *conv_id, long turn)
 {
-    const char *conv_id = conv->id;
     char id[112];
-    response_id(id, sizeof id, conv_id, turn);
-    json_t *req = req_parsed ? json_incref(req_parsed) : t->req ? json_loads(t->req, 0, NULL) : NULL;
-    const char *status = stage == STAGE_QUEUED        ? "queued"
-                         : stage == STAGE_IN_PROGRESS ? "in_progress"
-                                                      : openai_status(t);
-    bool done = stage == STAGE_NOW && (t->status == TURN_COMPLETE);
-    const char *model = done && t->model && t->model[0] ? t->model : json_string_value(json_object_get(req, "model"));
-    json_t *r = json_pack("{s:s, s:s, s:I, s:s, s:s}", "id", id, "object", "response", "created_at",
-                          (json_int_t)(t->submitted_at / 1000), "status", status, "model",
-                          model && model[0] ? model : api->cfg->llm_model);
-    json_object_set_new(r, "background", json_boolean(json_is_true(json_object_get(req, "background"))));
-    if (stage == STAGE_NOW && t->status == TURN_FAILED)
-        json_object_set_new(r, "error",
-                            json_pack("{s:s, s:s}", "code", t->error_code ? t->error_code : "failed", "message",
-                                      t->error_message ? t->error_message : ""));
-    else
-        json_object_set_new(r, "error", json_null());
-    json_object_set_new(r, "incomplete_details",
-                        done && strcmp(status, "incomplete") == 0 ? json_pack("{s:s}", "reason", "max_output_tokens")
-                                                                  : json_null());
-    json_object_set_new(r, "instructions", req_field(req, "instructions"));
-    json_object_set_new(r, "max_output_tokens", req_field(req, "max_output_tokens"));
-    json_object_set_new(r, "temperature", req_field(req, "temperature"));
-    json_object_set_new(r, "top_p", req_field(req, "top_p"));
-    json_object_set_new(r, "previous_response_id", req_field(req, "previous_response_id"));
-    json_t *md = json_object_get(req, "metadata");
-    json_object_set_new(r, "metadata", json_is_object(md) ? json_deep_copy(md) : json_object());
-    moderation_metadata(json_object_get(r, "metadata"), t->moderation); /* string values, as metadata must be */
-    json_object_set_new(r, "output", json_array());
-    if (done) {
-        json_array_append_new(json_object_get(r, "output"), message_item(conv_id, turn, t, true));
-        json_object_set_new(r, "output_text",
-                            json_stringn(t->response ? t->response : "", t->response ? t->response_len : 0));
-        json_object_set_new(r, "usage",
-                            json_pack("{s:I, s:{s:i}, s:I, s:{s:i}, s:I}", "input_tokens", (json_int_t)t->prompt_tokens,
-                                      "input_tokens_details", "cached_tokens", 0, "output_tokens",
-                                      (json_int_t)t->completion_tokens, "output_tokens_details", "reasoning_tokens", 0,
-                                      "total_tokens", (json_int_t)t->total_tokens));
-    } else {
-        json_object_set_new(r, "usage", json_null());
+    size_t pl = strlen(prefix), cl = strlen(conv_id);
+    if (pl + cl + 22 > sizeof id) { /* longer than any id we issue or accept: never truncated, though */
+        char *big = xmalloc(pl + cl + 24);
+        memcpy(big, prefix, pl);
+        memcpy(big + pl, conv_id, cl);
+        big[pl + cl] = '_';
+        size_t nl = fmt_i64(big + pl + cl + 1, turn);
+        buf_append_json_string(b, big, pl + cl + 1 + nl);
+        free(big);
+        return;
     }
-    json_object_set_new(r, "completed_at",
-                        stage == STAGE_NOW && turn_status_final(t->status) && t->completed_at
-                            ? json_integer(t->completed_at / 1000)
-                            : json_null());
-    /* Results expire with their conversation: conversation-ttl-s after its last change. The snapshots inside
-     * stream events count from the moment they describe (queued, started, finished), so that a replayed
-     * stream is the same, byte for byte, on every read. */
+    memcpy(id, prefix, pl);
+    memcpy(id + pl, conv_id, cl);
+    id[pl + cl] = '_';
+    size_t nl = fmt_i64(id + pl + cl + 1, turn);
+    buf_append_json_string(b, id, pl + cl + 1 + nl);
+}
+
+/* A member of the request echoed as it came (null if absent). -1 if jsonw cannot write it. */
+static int append_req_field(struct buf *b, const json_t *req, const char *name)
+{
+    const json_t *v = json_object_get(req, name);
+    if (!v)
+        return buf_append_lit(b, "null");
+    return jsonw_append(b, v);
+}
+
+/* The request's metadata (an object of strings, validated on create), with the moderation verdict's entries
+ * set as moderation_metadata sets them (replacing a client's entry of the same name where it stands). */
+static int append_metadata(struct buf *b, const json_t *req, const char *moderation)
+{
+    json_t *md = json_object_get(req, "metadata");
+    if (!moderation)
+        return json_is_object(md) ? jsonw_append(b, md) : buf_append_lit(b, "{}");
+    json_t *m = json_is_object(md) ? json_deep_copy(md) : json_object(); /* rare: keep jansson's semantics */
+    moderation_metadata(m, moderation);
+    int rc = jsonw_append(b, m);
+    json_decref(m);
+    return rc;
+}
+
+static bool finished_by_length(const struct turn *t)
+{
+    return t->finish_reason && strcmp(t->finish_reason, "length") == 0;
+}
+
+/* The output_text content part of a finished message. */
+static void append_text_part(struct buf *b, const struct turn *t)
+{
+    buf_append_lit(b, "{\"type\":\"output_text\",\"text\":");
+    buf_append_json_string(b, t->response ? t->response : "", t->response ? t->response_len : 0);
+    buf_append_lit(b, ",\"annotations\":[]}");
+}
+
+/* The assistant message item of a turn: empty while it runs, its text once done. */
+static void append_message_item(struct buf *b, const char *conv_id, long turn, const struct turn *t, bool done)
+{
+    buf_append_lit(b, "{\"type\":\"message\",\"id\":");
+    append_id(b, "msg_", conv_id, turn);
+    buf_append_lit(b, ",\"status\":");
+    append_str(b, !done ? "in_progress" : finished_by_length(t) ? "incomplete" : "completed");
+    buf_append_lit(b, ",\"role\":\"assistant\",\"content\":[");
+    if (done)
+        append_text_part(b, t);
+    buf_append_lit(b, "]}");
+}
+
+static void append_usage(struct buf *b, const struct turn *t)
+{
+    buf_append_lit(b, "{\"input_tokens\":");
+    append_i64(b, t->prompt_tokens);
+    buf_append_lit(b, ",\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":");
+    append_i64(b, t->completion_tokens);
+    buf_append_lit(b, ",\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":");
+    append_i64(b, t->total_tokens);
+    buf_append_lit(b, "}");
+}
+
+/* Results expire with their conversation: conversation-ttl-s after its last change. The snapshots inside
+ * stream events count from the moment they describe (queued, started, finished), so that a replayed stream is
+ * the same, byte for byte, on every read. */
+static void append_expires_at(struct buf *b, const struct api *api, const struct conv *conv, const struct turn *t,
+                              enum response_stage stage)
+{
+    if (api->cfg->conversation_ttl_s <= 0) {
+        buf_append_lit(b, "null");
+        return;
+    }
     int64_t since = conv->updated_at;
-    if (stage == STAGE_QUEUED)
+    if (stage == RESPONSE_QUEUED)
         since = t->submitted_at;
-    else if (stage == STAGE_IN_PROGRESS)
+    else if (stage == RESPONSE_IN_PROGRESS)
         since = t->started_at ? t->started_at : t->submitted_at;
     else if (turn_status_final(t->status) && t->completed_at)
         since = t->completed_at;
-    json_object_set_new(r, "expires_at",
-                        api->cfg->conversation_ttl_s > 0 ? json_integer(since / 1000 + api->cfg->conversation_ttl_s)
-                                                         : json_null());
-    json_object_set_new(r, "parallel_tool_calls", json_true());
-    json_object_set_new(r, "tool_choice", json_string("auto"));
-    json_object_set_new(r, "tools", json_array());
-    json_object_set_new(r, "text", json_pack("{s:{s:s}}", "format", "type", "text"));
-    json_object_set_new(r, "truncation", json_string("disabled"));
-    json_object_set_new(r, "store", json_true());
-    json_decref(req);
-    return r;
+    append_i64(b, since / 1000 + api->cfg->conversation_ttl_s);
 }
 
-static json_t *response_object_at(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                                  enum stage stage)
+/* The members from "error" to "incomplete_details", which depend on how the turn ended. */
+static void append_outcome(struct buf *b, const struct turn *t, enum response_stage stage, bool done,
+                           const char *status)
 {
-    return response_object_with(api, conv, turn, t, stage, NULL);
+    buf_append_lit(b, ",\"error\":");
+    if (stage == RESPONSE_NOW && t->status == TURN_FAILED) {
+        buf_append_lit(b, "{\"code\":");
+        append_str(b, t->error_code ? t->error_code : "failed");
+        buf_append_lit(b, ",\"message\":");
+        append_str(b, t->error_message ? t->error_message : "");
+        buf_append_lit(b, "}");
+    } else {
+        buf_append_lit(b, "null");
+    }
+    buf_append_lit(b, ",\"incomplete_details\":");
+    if (done && strcmp(status, "incomplete") == 0)
+        buf_append_lit(b, "{\"reason\":\"max_output_tokens\"}");
+    else
+        buf_append_lit(b, "null");
 }
 
-json_t *response_object(const struct api *api, const struct conv *conv, long turn, const struct turn *t)
+int response_text(struct buf *b, const struct api *api, const struct conv *conv, long turn, const struct turn *t,
+                  enum response_stage stage, const json_t *req)
 {
-    return response_object_at(api, conv, turn, t, STAGE_NOW);
+    const char *status = stage == RESPONSE_QUEUED        ? "queued"
+                         : stage == RESPONSE_IN_PROGRESS ? "in_progress"
+                                                         : openai_status(t);
+    bool done = stage == RESPONSE_NOW && t->status == TURN_COMPLETE;
+    const char *model = done && t->model && t->model[0] ? t->model : json_string_value(json_object_get(req, "model"));
+    int rc = 0;
+    buf_append_lit(b, "{\"id\":");
+    append_id(b, "resp_", conv->id, turn);
+    buf_append_lit(b, ",\"object\":\"response\",\"created_at\":");
+    append_i64(b, t->submitted_at / 1000);
+    buf_append_lit(b, ",\"status\":");
+    append_str(b, status);
+    buf_append_lit(b, ",\"model\":");
+    append_str(b, model && model[0] ? model : api->cfg->llm_model);
+    if (json_is_true(json_object_get(req, "background")))
+        buf_append_lit(b, ",\"background\":true");
+    else
+        buf_append_lit(b, ",\"background\":false");
+    append_outcome(b, t, stage, done, status);
+    static const struct {
+        const char *name, *member;
+    } echoed[] = {{"instructions", ",\"instructions\":"},
+                  {"max_output_tokens", ",\"max_output_tokens\":"},
+                  {"temperature", ",\"temperature\":"},
+                  {"top_p", ",\"top_p\":"},
+                  {"previous_response_id", ",\"previous_response_id\":"}};
+    for (size_t i = 0; i < sizeof echoed / sizeof echoed[0]; i++) {
+        buf_append(b, echoed[i].member, strlen(echoed[i].member));
+        rc |= append_req_field(b, req, echoed[i].name);
+    }
+    buf_append_lit(b, ",\"metadata\":");
+    rc |= append_metadata(b, req, t->moderation);
+    buf_append_lit(b, ",\"output\":[");
+    if (done) {
+        append_message_item(b, conv->id, turn, t, true);
+        buf_append_lit(b, "],\"output_text\":");
+        buf_append_json_string(b, t->response ? t->response : "", t->response ? t->response_len : 0);
+        buf_append_lit(b, ",\"usage\":");
+        append_usage(b, t);
+    } else {
+        buf_append_lit(b, "],\"usage\":null");
+    }
+    buf_append_lit(b, ",\"completed_at\":");
+    if (stage == RESPONSE_NOW && turn_status_final(t->status) && t->completed_at)
+        append_i64(b, t->completed_at / 1000);
+    else
+        buf_append_lit(b, "null");
+    buf_append_lit(b, ",\"expires_at\":");
+    append_expires_at(b, api, conv, t, stage);
+    buf_append_lit(b, ",\"parallel_tool_calls\":true,\"tool_choice\":\"auto\",\"tools\":[],\"text\":{\"format\":{"
+                      "\"type\":\"text\"}},\"truncation\":\"disabled\",\"store\":true}");
+    return rc ? -1 : 0;
 }
 
-json_t *response_object_queued(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                               json_t *req)
+void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
+                    const struct turn *t, enum response_stage stage, const json_t *reqp)
 {
-    return response_object_with(api, conv, turn, t, STAGE_QUEUED, req);
+    json_t *parsed = !reqp && t->req ? json_loads(t->req, 0, NULL) : NULL;
+    struct buf b;
+    buf_init(&b, SIZE_MAX / 2);
+    int rc = response_text(&b, api, conv, turn, t, stage, reqp ? reqp : parsed);
+    json_decref(parsed);
+    if (rc == 0 && buf_append_lit(&b, "\n") == 0)
+        http_reply_text(req, 200, b.data, b.len);
+    else /* the stored request is not what create writes */
+        http_reply_error(req, 500, "server_error", "internal_error", "the response could not be written");
+    buf_free(&b);
 }
 
 /* ---------------------------------------------------------------- streaming events */
 
-/* Appends one SSE event if its number is past the client's, and counts it. */
-static void sse_emit(struct evbuffer *out, long *seq, long after, const char *type, json_t *ev)
+/* Appends one SSE event if its number is past the client's, and counts it. ev holds the event's own members
+ * (without braces); OpenAI's type and sequence_number go after them. ev is emptied for the next event. */
+static void sse_emit(struct evbuffer *out, long *seq, long after, const char *type, struct buf *ev)
 {
     long n = (*seq)++;
     if (n > after) {
-        json_object_set_new(ev, "type", json_string(type));
-        json_object_set_new(ev, "sequence_number", json_integer(n));
-        char *s = jsonw_dumps(ev, NULL);
-        evbuffer_add_printf(out, "event: %s\nid: %ld\ndata: %s\n\n", type, n, s);
-        free(s);
+        evbuffer_add_printf(out, "event: %s\nid: %ld\ndata: {", type, n);
+        evbuffer_add(out, ev->data, ev->len);
+        evbuffer_add_printf(out, ",\"type\":\"%s\",\"sequence_number\":%ld}\n\n", type, n); /* types need no escapes */
     }
-    json_decref(ev);
+    buf_reset(ev);
+}
+
+/* "item_id":...,"output_index":0,"content_index":0 */
+static void append_part_address(struct buf *ev, const char *conv_id, long turn)
+{
+    buf_append_lit(ev, "\"item_id\":");
+    append_id(ev, "msg_", conv_id, turn);
+    buf_append_lit(ev, ",\"output_index\":0,\"content_index\":0");
+}
+
+struct sse_ctx {
+    const struct api *api;
+    const struct conv *conv;
+    long turn;
+    const struct turn *t;
+    json_t *req; /* t->req parsed once, or NULL */
+    struct evbuffer *out;
+    long after, *seq;
+    struct buf ev;
+};
+
+static void emit_response(struct sse_ctx *s, const char *type, enum response_stage stage)
+{
+    buf_append_lit(&s->ev, "\"response\":");
+    response_text(&s->ev, s->api, s->conv, s->turn, s->t, stage, s->req); /* depth: req is ours, validated */
+    sse_emit(s->out, s->seq, s->after, type, &s->ev);
+}
+
+static void emit_started(struct sse_ctx *s)
+{
+    emit_response(s, "response.in_progress", RESPONSE_IN_PROGRESS);
+    buf_append_lit(&s->ev, "\"output_index\":0,\"item\":");
+    append_message_item(&s->ev, s->conv->id, s->turn, s->t, false);
+    sse_emit(s->out, s->seq, s->after, "response.output_item.added", &s->ev);
+    append_part_address(&s->ev, s->conv->id, s->turn);
+    buf_append_lit(&s->ev, ",\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}");
+    sse_emit(s->out, s->seq, s->after, "response.content_part.added", &s->ev);
+}
+
+static void emit_delta(struct sse_ctx *s, const struct turn_event *e)
+{
+    append_part_address(&s->ev, s->conv->id, s->turn);
+    buf_append_lit(&s->ev, ",\"delta\":");
+    buf_append_json_string(&s->ev, e->text, e->text_len);
+    buf_append_lit(&s->ev, ",\"logprobs\":[]");
+    sse_emit(s->out, s->seq, s->after, "response.output_text.delta", &s->ev);
+}
+
+static void emit_ended(struct sse_ctx *s)
+{
+    const struct turn *t = s->t;
+    if (t->status == TURN_COMPLETE) {
+        append_part_address(&s->ev, s->conv->id, s->turn);
+        buf_append_lit(&s->ev, ",\"text\":");
+        buf_append_json_string(&s->ev, t->response ? t->response : "", t->response ? t->response_len : 0);
+        buf_append_lit(&s->ev, ",\"logprobs\":[]");
+        sse_emit(s->out, s->seq, s->after, "response.output_text.done", &s->ev);
+        append_part_address(&s->ev, s->conv->id, s->turn);
+        buf_append_lit(&s->ev, ",\"part\":");
+        append_text_part(&s->ev, t);
+        sse_emit(s->out, s->seq, s->after, "response.content_part.done", &s->ev);
+        buf_append_lit(&s->ev, "\"output_index\":0,\"item\":");
+        append_message_item(&s->ev, s->conv->id, s->turn, t, true);
+        sse_emit(s->out, s->seq, s->after, "response.output_item.done", &s->ev);
+    }
+    char type[48];
+    snprintf(type, sizeof type, "response.%s", openai_status(t));
+    emit_response(s, type, RESPONSE_NOW);
 }
 
 bool responses_sse(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                    const struct turn_event *events, size_t n, long after, long *seq, struct evbuffer *out)
 {
-    const char *conv_id = conv->id;
-    char item_id[112];
-    snprintf(item_id, sizeof item_id, "msg_%s_%ld", conv_id, turn);
-    for (size_t i = 0; i < n; i++) {
-        const struct turn_event *e = &events[i];
-        switch (e->kind) {
+    struct sse_ctx s = {api, conv, turn, t, t->req ? json_loads(t->req, 0, NULL) : NULL, out, after, seq, {0}};
+    buf_init(&s.ev, SIZE_MAX / 2);
+    bool ended = false;
+    for (size_t i = 0; i < n && !ended; i++) {
+        switch (events[i].kind) {
         case 'q':
-            sse_emit(out, seq, after, "response.created",
-                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_QUEUED)));
-            sse_emit(out, seq, after, "response.queued",
-                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_QUEUED)));
+            emit_response(&s, "response.created", RESPONSE_QUEUED);
+            emit_response(&s, "response.queued", RESPONSE_QUEUED);
             break;
         case 's':
-            sse_emit(out, seq, after, "response.in_progress",
-                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_IN_PROGRESS)));
-            sse_emit(out, seq, after, "response.output_item.added",
-                     json_pack("{s:i, s:o}", "output_index", 0, "item", message_item(conv_id, turn, t, false)));
-            sse_emit(out, seq, after, "response.content_part.added",
-                     json_pack("{s:s, s:i, s:i, s:{s:s, s:s, s:[]}}", "item_id", item_id, "output_index", 0,
-                               "content_index", 0, "part", "type", "output_text", "text", "", "annotations"));
+            emit_started(&s);
             break;
         case 'd':
-            sse_emit(out, seq, after, "response.output_text.delta",
-                     json_pack("{s:s, s:i, s:i, s:s%, s:[]}", "item_id", item_id, "output_index", 0, "content_index", 0,
-                               "delta", e->text, e->text_len, "logprobs"));
+            emit_delta(&s, &events[i]);
             break;
-        case 'e': {
-            const char *status = openai_status(t);
-            if (t->status == TURN_COMPLETE) {
-                const char *text = t->response ? t->response : "";
-                size_t tl = t->response ? t->response_len : 0;
-                sse_emit(out, seq, after, "response.output_text.done",
-                         json_pack("{s:s, s:i, s:i, s:s%, s:[]}", "item_id", item_id, "output_index", 0,
-                                   "content_index", 0, "text", text, tl, "logprobs"));
-                sse_emit(out, seq, after, "response.content_part.done",
-                         json_pack("{s:s, s:i, s:i, s:{s:s, s:s%, s:[]}}", "item_id", item_id, "output_index", 0,
-                                   "content_index", 0, "part", "type", "output_text", "text", text, tl, "annotations"));
-                sse_emit(out, seq, after, "response.output_item.done",
-                         json_pack("{s:i, s:o}", "output_index", 0, "item", message_item(conv_id, turn, t, true)));
-            }
-            char type[48];
-            snprintf(type, sizeof type, "response.%s", status);
-            sse_emit(out, seq, after, type,
-                     json_pack("{s:o}", "response", response_object_at(api, conv, turn, t, STAGE_NOW)));
-            return true;
-        }
+        case 'e':
+            emit_ended(&s);
+            ended = true;
+            break;
         default:
             break;
         }
     }
-    return false;
+    buf_free(&s.ev);
+    json_decref(s.req);
+    return ended;
 }
-
 /* ---------------------------------------------------------------- create */
 
 static void bad(struct evhttp_request *req, const char *param, const char *code, const char *msg)
@@ -545,7 +683,7 @@ static void got_cb(void *arg, int rc, const struct conv *conv)
     else {
         if (c->announce)
             announce_cancel(c->api, conv, c->turn, t);
-        http_reply_json(c->req, 200, response_object(c->api, conv, c->turn, t));
+        response_reply(c->req, c->api, conv, c->turn, t, RESPONSE_NOW, NULL);
     }
     free(c);
 }

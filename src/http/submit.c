@@ -128,7 +128,7 @@ static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
     struct load_ctx *lc = arg;
     const struct turn *t = rc == STORE_OK && lc->turn >= 1 && lc->turn <= conv->nturns ? &conv->turn[lc->turn] : NULL;
     if (t && t->status != TURN_DELETED && t->status != TURN_REJECTED && t->status != TURN_NONE)
-        http_reply_json(lc->req, 200, response_object(lc->api, conv, lc->turn, t));
+        response_reply(lc->req, lc->api, conv, lc->turn, t, RESPONSE_NOW, NULL);
     else if (rc == STORE_OK || rc == STORE_ENOTFOUND)
         http_reply_error(lc->req, 404, "invalid_request_error", "response_not_found", "the response is gone");
     else
@@ -173,7 +173,7 @@ static void answer_accepted(struct api *api, struct evhttp_request *req, const c
             struct turn t = {.status = TURN_PENDING, .req = sub->req_json, .submitted_at = sub->submitted_at};
             struct conv c = {
                 .id = conv_id, .nturns = turn, .created_at = sub->submitted_at, .updated_at = sub->submitted_at};
-            http_reply_json(req, 200, response_object_queued(api, &c, turn, &t, sub->req_obj));
+            response_reply(req, api, &c, turn, &t, RESPONSE_QUEUED, sub->req_obj);
             break;
         }
         struct load_ctx *lc = xcalloc(1, sizeof *lc);

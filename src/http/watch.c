@@ -208,7 +208,7 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
             return;
         }
         if (w->finishing || turn_status_final(t->status)) {
-            http_reply_json(req, 200, response_object(w->api, conv, w->turn, t));
+            response_reply(req, w->api, conv, w->turn, t, RESPONSE_NOW, NULL);
             watch_done(w);
             return;
         }
