@@ -36,8 +36,9 @@ struct buf {
 void buf_init(struct buf *b, size_t max);
 /* Appends n bytes; returns -1 (and appends nothing) if the result would exceed max. */
 int buf_append(struct buf *b, const void *p, size_t n);
-/* Appends a string literal (its length known at compile time). */
-#define buf_append_lit(b, lit) buf_append((b), (lit), sizeof(lit) - 1)
+/* Appends a string literal (its length known at compile time). The "" around lit make anything but a literal a
+ * compile error: sizeof of a pointer (say, of a ?: between two literals) would be silently wrong. */
+#define buf_append_lit(b, lit) buf_append((b), "" lit "", sizeof(lit) - 1)
 /* Appends printf-formatted text; -1 (nothing appended) past max. */
 int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Appends s[0..n) (UTF-8) as a quoted JSON string, escaped as jansson would: ", \ and control characters. */

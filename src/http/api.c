@@ -78,23 +78,24 @@ static const char *idem_key(struct evhttp_request *req)
 static void answer_submit(struct api *api, struct evhttp_request *req, const char *prompt, size_t len, const char *conv,
                           const char *callback)
 {
-    json_t *extra = NULL;
-    char *req_json = NULL;
+    struct buf req_json; /* {"callback_url":...}: the member is also the Kafka message's extra */
+    buf_init(&req_json, SIZE_MAX / 2);
     if (callback) {
-        extra = json_pack("{s:s}", "callback_url", callback);
-        req_json = json_dumps(extra, JSON_COMPACT);
+        buf_append_lit(&req_json, "{\"callback_url\":");
+        buf_append_json_string(&req_json, callback, strlen(callback));
+        buf_append_lit(&req_json, "}");
     }
-    struct turn_meta meta = {req_json, NULL, false, 0, 0};
+    struct turn_meta meta = {req_json.data, NULL, false, 0, 0};
     struct submit_params p = {.prompt = prompt,
                               .prompt_len = len,
                               .conv_id = conv,
                               .meta = callback ? &meta : NULL,
-                              .extra = extra,
+                              .extra = callback ? req_json.data + 1 : NULL,
+                              .extra_len = callback ? req_json.len - 2 : 0,
                               .idem_key = idem_key(req),
                               .mode = SUBMIT_ANSWER};
     submit_start(api, req, &p);
-    json_decref(extra);
-    free(req_json);
+    buf_free(&req_json);
 }
 
 static void handle_answer_get(struct api *api, struct evhttp_request *req)

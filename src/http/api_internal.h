@@ -71,9 +71,10 @@ struct submit_params {
     size_t prompt_len;
     const char *conv_id;          /* NULL: a new conversation */
     const struct turn_meta *meta; /* stored with the turn; NULL for none */
-    json_t *extra;                /* more fields for the Kafka message (borrowed), or NULL */
-    json_t *req_obj;              /* meta->req as parsed (borrowed), or NULL */
-    const char *idem_key;         /* the Idempotency-Key header, or NULL */
+    const char *extra;            /* more members for the Kafka message: JSON text without braces, or NULL */
+    size_t extra_len;
+    json_t *req_obj;      /* the request, parsed (borrowed): the queued Response echoes its parameters */
+    const char *idem_key; /* the Idempotency-Key header, or NULL */
     enum submit_mode mode;
 };
 

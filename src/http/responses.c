@@ -437,14 +437,10 @@ static char *content_text(json_t *c, bool *unsupported)
     return b.data;
 }
 
-/* Normalises `input` to [{role, content: string}]. Answers 400 and returns NULL when it cannot. *last_user is
+/* Normalises a list `input` to [{role, content: string}]. Answers 400 and returns NULL when it cannot. *last_user is
  * the index of the last user message. */
 static json_t *normalise_input(struct evhttp_request *req, json_t *input, size_t *last_user)
 {
-    if (json_is_string(input)) {
-        *last_user = 0;
-        return json_pack("[{s:s, s:O}]", "role", "user", "content", input);
-    }
     if (!json_is_array(input) || json_array_size(input) == 0) {
         bad(req, "input", "invalid_input", "'input' must be a non-empty string or a non-empty list of messages");
         return NULL;
@@ -503,18 +499,185 @@ static bool number_in(json_t *v, double lo, double hi)
     return json_is_number(v) && json_number_value(v) >= lo && json_number_value(v) <= hi;
 }
 
-static void handle_create(struct api *api, struct evhttp_request *req)
+/* The members of a create request that matter here (each NULL if absent), found in one pass over the body's
+ * object rather than a hash lookup for each check: a dozen lookups cost more than the pass. */
+struct create_req {
+    json_t *input, *model, *instructions, *temperature, *top_p, *max_output_tokens, *metadata, *background, *stream,
+        *callback_url, *tools, *previous_response_id;
+};
+
+static void create_members(json_t *root, struct create_req *cr)
+{
+    static const struct {
+        const char *name;
+        size_t off;
+    } members[] = {
+        {"input", offsetof(struct create_req, input)},
+        {"model", offsetof(struct create_req, model)},
+        {"background", offsetof(struct create_req, background)},
+        {"instructions", offsetof(struct create_req, instructions)},
+        {"temperature", offsetof(struct create_req, temperature)},
+        {"top_p", offsetof(struct create_req, top_p)},
+        {"max_output_tokens", offsetof(struct create_req, max_output_tokens)},
+        {"metadata", offsetof(struct create_req, metadata)},
+        {"stream", offsetof(struct create_req, stream)},
+        {"callback_url", offsetof(struct create_req, callback_url)},
+        {"tools", offsetof(struct create_req, tools)},
+        {"previous_response_id", offsetof(struct create_req, previous_response_id)},
+    };
+    memset(cr, 0, sizeof *cr);
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v)
+    {
+        for (size_t i = 0; i < sizeof members / sizeof members[0]; i++) {
+            if (strcmp(key, members[i].name) == 0) {
+                *(json_t **)((char *)cr + members[i].off) = v;
+                break;
+            }
+        }
+    }
+}
+
+static bool null_or(json_t *v, bool ok)
+{
+    return !v || json_is_null(v) || ok;
+}
+
+/* The checks of the parameters (but input's), in the order their errors are reported. Answers 400 (or 404 for
+ * a previous response that cannot be ours) and returns false on the first that fails; else fills conv and
+ * *prev_turn when previous_response_id is given. */
+static bool create_params_ok(struct evhttp_request *req, const struct create_req *cr, char *conv, size_t convlen,
+                             long *prev_turn)
+{
+    json_t *mot = cr->max_output_tokens, *md = cr->metadata;
+    const char *prev = json_string_value(cr->previous_response_id);
+    if (!cr->input) {
+        bad(req, "input", "missing_required_parameter", "missing required parameter 'input'");
+    } else if (!null_or(cr->model, json_is_string(cr->model))) {
+        bad(req, "model", "invalid_type", "'model' must be a string");
+    } else if (!null_or(cr->instructions, json_is_string(cr->instructions))) {
+        bad(req, "instructions", "invalid_type", "'instructions' must be a string");
+    } else if (!null_or(cr->temperature, number_in(cr->temperature, 0, 2))) {
+        bad(req, "temperature", "invalid_value", "'temperature' must be a number from 0 to 2");
+    } else if (!null_or(cr->top_p, number_in(cr->top_p, 0, 1))) {
+        bad(req, "top_p", "invalid_value", "'top_p' must be a number from 0 to 1");
+    } else if (!null_or(mot, json_is_integer(mot) && json_integer_value(mot) >= 1)) {
+        bad(req, "max_output_tokens", "invalid_value", "'max_output_tokens' must be a positive integer");
+    } else if (!null_or(md, json_is_object(md) && json_object_size(md) <= 16)) {
+        bad(req, "metadata", "invalid_value", "'metadata' must be an object of at most 16 string values");
+    } else if (!null_or(cr->background, json_is_boolean(cr->background))) {
+        bad(req, "background", "invalid_type", "'background' must be a boolean");
+    } else if (!null_or(cr->stream, json_is_boolean(cr->stream))) {
+        bad(req, "stream", "invalid_type", "'stream' must be a boolean");
+    } else if (!null_or(cr->callback_url, json_is_string(cr->callback_url))) {
+        bad(req, "callback_url", "invalid_type", "'callback_url' must be a string");
+    } else if (json_is_string(cr->callback_url) && !api_callback_ok(req, json_string_value(cr->callback_url))) {
+        /* answered */
+    } else if (!null_or(cr->tools, json_is_array(cr->tools) && json_array_size(cr->tools) == 0)) {
+        bad(req, "tools", "unsupported_parameter", "tools are not supported by this server");
+    } else if (!null_or(cr->previous_response_id, json_is_string(cr->previous_response_id))) {
+        bad(req, "previous_response_id", "invalid_type", "'previous_response_id' must be a string");
+    } else if (prev && !parse_response_id(prev, conv, convlen, prev_turn)) {
+        http_reply_error_param(req, 404, "invalid_request_error", "previous_response_not_found", "previous_response_id",
+                               "no response with id '%.200s'", prev);
+    } else {
+        return true;
+    }
+    return false;
+}
+
+/* 400 and false unless metadata's values are strings within OpenAI's limits. */
+static bool metadata_ok(struct evhttp_request *req, json_t *metadata)
+{
+    const char *key;
+    json_t *mv;
+    json_object_foreach(metadata, key, mv)
+    {
+        if (!json_is_string(mv) || strlen(key) > 64 || json_string_length(mv) > 512) {
+            bad(req, "metadata", "invalid_value",
+                "'metadata' values must be strings (keys up to 64, values up to 512)");
+            return false;
+        }
+    }
+    return true;
+}
+
+/* ,"name":value for a member given and not null (jsonw: validated values are never too deep). */
+static void append_member(struct buf *b, const char *name, json_t *v)
+{
+    if (!v || json_is_null(v))
+        return;
+    buf_append_lit(b, ",\"");
+    buf_append(b, name, strlen(name));
+    buf_append_lit(b, "\":");
+    jsonw_append(b, v);
+}
+
+/* The turn's stored request parameters (turn_meta.req), as text: each echoed parameter (null when absent), then
+ * background, callback_url when given, and stream. */
+static void write_req_json(struct buf *b, const struct create_req *cr)
+{
+    json_t *const echoed[] = {cr->model,    cr->instructions,        cr->temperature, cr->top_p, cr->max_output_tokens,
+                              cr->metadata, cr->previous_response_id};
+    static const char *const names[] = {
+        "{\"model\":",    ",\"instructions\":",        ",\"temperature\":", ",\"top_p\":", ",\"max_output_tokens\":",
+        ",\"metadata\":", ",\"previous_response_id\":"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        buf_append(b, names[i], strlen(names[i]));
+        if (echoed[i])
+            jsonw_append(b, echoed[i]);
+        else
+            buf_append_lit(b, "null");
+    }
+    if (json_is_true(cr->background))
+        buf_append_lit(b, ",\"background\":true");
+    else
+        buf_append_lit(b, ",\"background\":false");
+    if (json_is_string(cr->callback_url)) {
+        buf_append_lit(b, ",\"callback_url\":");
+        jsonw_append(b, cr->callback_url);
+    }
+    if (json_is_true(cr->stream))
+        buf_append_lit(b, ",\"stream\":true}");
+    else
+        buf_append_lit(b, ",\"stream\":false}");
+}
+
+/* The members the worker needs beside the prompt (submit_params.extra): the LLM parameters given, the callback,
+ * the whole input when it is a list (input_json), the turn the context ends at. Without the braces. */
+static void write_extra(struct buf *b, const struct create_req *cr, const char *input_json, long prev_turn)
+{
+    append_member(b, "model", cr->model);
+    append_member(b, "instructions", cr->instructions);
+    append_member(b, "temperature", cr->temperature);
+    append_member(b, "top_p", cr->top_p);
+    append_member(b, "max_output_tokens", cr->max_output_tokens);
+    if (json_is_string(cr->callback_url))
+        append_member(b, "callback_url", cr->callback_url);
+    if (input_json) {
+        buf_append_lit(b, ",\"input\":");
+        buf_append(b, input_json, strlen(input_json));
+    }
+    if (prev_turn) {
+        buf_append_lit(b, ",\"context_turn\":");
+        append_i64(b, prev_turn);
+    }
+}
+
+/* The body as a JSON object, or NULL once answered 413 or 400. */
+static json_t *create_body(struct api *api, struct evhttp_request *req)
 {
     size_t len;
     const char *body = http_body(req, &len);
     if (len > (size_t)api->cfg->http_max_body) {
         http_reply_error(req, 413, "invalid_request_error", "request_too_large",
                          "the request body is %zu bytes; the limit is %ld", len, api->cfg->http_max_body);
-        return;
+        return NULL;
     }
     if (!utf8_valid(body, len)) {
         bad(req, "", "invalid_utf8", "the request body is not valid UTF-8");
-        return;
+        return NULL;
     }
     json_error_t jerr;
     json_t *root = len ? json_loadb(body, len, 0, &jerr) : NULL;
@@ -524,112 +687,75 @@ static void handle_create(struct api *api, struct evhttp_request *req)
                  root || !len ? "" : jerr.text);
         bad(req, "", "invalid_json", msg);
         json_decref(root);
-        return;
+        return NULL;
     }
-    json_t *input = json_object_get(root, "input"), *v, *norm = NULL, *extra = NULL, *reqp = NULL;
-    size_t last_user = 0;
+    return root;
+}
+
+/* Validated: hands the turn to submit.c. content: the last user message's text; norm: the input as a list, or
+ * NULL when it was a string. The request's parameters are written as text once, for Redis and for Kafka. */
+static void create_submit(struct api *api, struct evhttp_request *req, json_t *root, const struct create_req *cr,
+                          json_t *content, json_t *norm, const char *conv, long prev_turn)
+{
+    bool stream = json_is_true(cr->stream), background = json_is_true(cr->background);
+    struct buf rj, extra;
+    buf_init(&rj, SIZE_MAX / 2);
+    buf_init(&extra, SIZE_MAX / 2);
+    write_req_json(&rj, cr);
+    char *input_json = norm ? jsonw_dumps(norm, NULL) : NULL;
+    write_extra(&extra, cr, input_json, prev_turn);
+    struct turn_meta meta = {rj.data, input_json, stream, prev_turn, 0};
+    struct submit_params p = {
+        .prompt = json_string_value(content),
+        .prompt_len = json_string_length(content),
+        .conv_id = prev_turn ? conv : NULL,
+        .meta = &meta,
+        .extra = extra.len ? extra.data + 1 : NULL, /* past the first comma */
+        .extra_len = extra.len ? extra.len - 1 : 0,
+        .req_obj = root,
+        .idem_key = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key"),
+        .mode = stream       ? SUBMIT_STREAM
+                : background ? SUBMIT_BACKGROUND
+                             : SUBMIT_SYNC,
+    };
+    submit_start(api, req, &p);
+    free(input_json);
+    buf_free(&extra);
+    buf_free(&rj);
+}
+
+static void handle_create(struct api *api, struct evhttp_request *req)
+{
+    json_t *root = create_body(api, req);
+    if (!root)
+        return;
+    struct create_req cr;
+    create_members(root, &cr);
     char conv[72];
     long prev_turn = 0;
-    const char *prev = json_string_value(json_object_get(root, "previous_response_id"));
-    json_t *tools = json_object_get(root, "tools");
-    json_t *cb = json_object_get(root, "callback_url");
-    if (!input) {
-        bad(req, "input", "missing_required_parameter", "missing required parameter 'input'");
-    } else if ((v = json_object_get(root, "model")) && !json_is_string(v) && !json_is_null(v)) {
-        bad(req, "model", "invalid_type", "'model' must be a string");
-    } else if ((v = json_object_get(root, "instructions")) && !json_is_string(v) && !json_is_null(v)) {
-        bad(req, "instructions", "invalid_type", "'instructions' must be a string");
-    } else if ((v = json_object_get(root, "temperature")) && !json_is_null(v) && !number_in(v, 0, 2)) {
-        bad(req, "temperature", "invalid_value", "'temperature' must be a number from 0 to 2");
-    } else if ((v = json_object_get(root, "top_p")) && !json_is_null(v) && !number_in(v, 0, 1)) {
-        bad(req, "top_p", "invalid_value", "'top_p' must be a number from 0 to 1");
-    } else if ((v = json_object_get(root, "max_output_tokens")) && !json_is_null(v) &&
-               !(json_is_integer(v) && json_integer_value(v) >= 1)) {
-        bad(req, "max_output_tokens", "invalid_value", "'max_output_tokens' must be a positive integer");
-    } else if ((v = json_object_get(root, "metadata")) && !json_is_null(v) &&
-               (!json_is_object(v) || json_object_size(v) > 16)) {
-        bad(req, "metadata", "invalid_value", "'metadata' must be an object of at most 16 string values");
-    } else if ((v = json_object_get(root, "background")) && !json_is_boolean(v) && !json_is_null(v)) {
-        bad(req, "background", "invalid_type", "'background' must be a boolean");
-    } else if ((v = json_object_get(root, "stream")) && !json_is_boolean(v) && !json_is_null(v)) {
-        bad(req, "stream", "invalid_type", "'stream' must be a boolean");
-    } else if (cb && !json_is_null(cb) && !json_is_string(cb)) {
-        bad(req, "callback_url", "invalid_type", "'callback_url' must be a string");
-    } else if (json_is_string(cb) && !api_callback_ok(req, json_string_value(cb))) {
-        /* answered */
-    } else if (tools && !(json_is_array(tools) && json_array_size(tools) == 0) && !json_is_null(tools)) {
-        bad(req, "tools", "unsupported_parameter", "tools are not supported by this server");
-    } else if ((v = json_object_get(root, "previous_response_id")) && !json_is_null(v) && !json_is_string(v)) {
-        bad(req, "previous_response_id", "invalid_type", "'previous_response_id' must be a string");
-    } else if (prev && !parse_response_id(prev, conv, sizeof conv, &prev_turn)) {
-        http_reply_error_param(req, 404, "invalid_request_error", "previous_response_not_found", "previous_response_id",
-                               "no response with id '%.200s'", prev);
-    } else if ((norm = normalise_input(req, input, &last_user))) {
-        const char *key;
-        json_t *mv;
-        bool md_ok = true;
-        json_object_foreach(json_object_get(root, "metadata"), key, mv)
-        {
-            if (!json_is_string(mv) || strlen(key) > 64 || json_string_length(mv) > 512)
-                md_ok = false;
-        }
-        json_t *um = json_array_get(norm, last_user);
-        json_t *content = json_object_get(um, "content");
-        if (!md_ok) {
-            bad(req, "metadata", "invalid_value",
-                "'metadata' values must be strings (keys up to 64, values up to 512)");
-        } else if (!has_non_space(json_string_value(content), json_string_length(content))) {
-            bad(req, "input", "empty_prompt", "the last user message must not be empty");
-        } else {
-            bool stream = json_is_true(json_object_get(root, "stream"));
-            bool background = json_is_true(json_object_get(root, "background"));
-            reqp = json_object();
-            static const char *const echoed[] = {
-                "model",    "instructions",        "temperature", "top_p", "max_output_tokens",
-                "metadata", "previous_response_id"};
-            extra = json_object();
-            for (size_t i = 0; i < sizeof echoed / sizeof echoed[0]; i++) {
-                json_t *x = json_object_get(root, echoed[i]);
-                json_object_set(reqp, echoed[i], x ? x : json_null());
-                if (x && !json_is_null(x) && strcmp(echoed[i], "metadata") && strcmp(echoed[i], "previous_response_id"))
-                    json_object_set(extra, echoed[i], x);
-            }
-            json_object_set_new(reqp, "background", json_boolean(background));
-            if (json_is_string(cb)) {
-                json_object_set(reqp, "callback_url", cb);
-                json_object_set(extra, "callback_url", cb);
-            }
-            json_object_set_new(reqp, "stream", json_boolean(stream));
-            if (json_is_array(input))
-                json_object_set(extra, "input", norm);
-            if (prev)
-                json_object_set_new(extra, "context_turn", json_integer(prev_turn));
-            char *req_json = jsonw_dumps(reqp, NULL);
-            char *input_json = json_is_array(input) ? jsonw_dumps(norm, NULL) : NULL;
-            struct turn_meta meta = {req_json, input_json, stream, prev ? prev_turn : 0, 0};
-            struct submit_params p = {
-                .prompt = json_string_value(content),
-                .prompt_len = json_string_length(content),
-                .conv_id = prev ? conv : NULL,
-                .meta = &meta,
-                .extra = extra,
-                .req_obj = reqp,
-                .idem_key = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key"),
-                .mode = stream       ? SUBMIT_STREAM
-                        : background ? SUBMIT_BACKGROUND
-                                     : SUBMIT_SYNC,
-            };
-            submit_start(api, req, &p);
-            free(req_json);
-            free(input_json);
-        }
+    if (!create_params_ok(req, &cr, conv, sizeof conv, &prev_turn)) {
+        json_decref(root);
+        return;
     }
-    json_decref(extra);
-    json_decref(reqp);
+    /* A string input is the prompt as it is; a list is normalised to role and text messages. */
+    json_t *norm = NULL, *content = cr.input;
+    if (!json_is_string(cr.input)) {
+        size_t last_user = 0;
+        norm = normalise_input(req, cr.input, &last_user);
+        content = norm ? json_object_get(json_array_get(norm, last_user), "content") : NULL;
+    }
+    if (!content) {
+        /* answered */
+    } else if (!metadata_ok(req, cr.metadata)) {
+        /* answered */
+    } else if (!has_non_space(json_string_value(content), json_string_length(content))) {
+        bad(req, "input", "empty_prompt", "the last user message must not be empty");
+    } else {
+        create_submit(api, req, root, &cr, content, norm, conv, prev_turn);
+    }
     json_decref(norm);
     json_decref(root);
 }
-
 /* ---------------------------------------------------------------- get, cancel, delete */
 
 struct op_ctx {

@@ -44,8 +44,8 @@ struct submit {
     /* The Kafka message, built once as text without jansson: {"conversation_id":...,"prompt":...,<extra>
      * then, once Redis gave the turn, ,"turn":N,"submitted_at":T}. */
     struct buf msg;
-    char *req_json;  /* the turn_meta's request parameters (SUBMIT_BACKGROUND answers with them), or NULL */
-    json_t *req_obj; /* the same, parsed (SUBMIT_BACKGROUND), or NULL */
+    char *req_json;  /* the turn_meta's request parameters (kept for an idempotency claim), or NULL */
+    json_t *req_obj; /* the request, parsed (SUBMIT_BACKGROUND answers with its parameters), or NULL */
     /* Copies kept only when Redis is called later (after an idempotency claim): */
     char *prompt;
     size_t prompt_len;
@@ -375,16 +375,11 @@ void submit_start(struct api *api, struct evhttp_request *req, const struct subm
     buf_append(&sub->msg, sub->conv_id, strlen(sub->conv_id));
     buf_append_lit(&sub->msg, "\",\"prompt\":");
     buf_append_json_string(&sub->msg, p->prompt, p->prompt_len);
-    if (p->extra && json_object_size(p->extra) > 0) {
-        size_t el;
-        char *extra = jsonw_dumps(p->extra, &el); /* "{...}": its members go after ours */
-        if (extra && el > 2) {
-            buf_append_lit(&sub->msg, ",");
-            buf_append(&sub->msg, extra + 1, el - 2);
-        }
-        free(extra);
+    if (p->extra_len) {
+        buf_append_lit(&sub->msg, ",");
+        buf_append(&sub->msg, p->extra, p->extra_len);
     }
-    if (p->meta && p->meta->req && (p->idem_key || p->mode == SUBMIT_BACKGROUND))
+    if (p->meta && p->meta->req && p->idem_key)
         sub->req_json = xstrdup(p->meta->req);
     if (p->mode == SUBMIT_BACKGROUND && p->req_obj)
         sub->req_obj = json_incref(p->req_obj);
