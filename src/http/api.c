@@ -3,6 +3,7 @@
 #include "http/api.h"
 
 #include "core/config.h"
+#include "core/jsonr.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "http/api_internal.h"
@@ -135,7 +136,7 @@ static void handle_answer_post(struct api *api, struct evhttp_request *req)
         return;
     }
     json_error_t jerr;
-    json_t *root = json_loadb(body, len, 0, &jerr);
+    json_t *root = jsonr_loadb(body, len, &jerr);
     if (!root) {
         http_reply_error(req, 400, "invalid_request_error", "invalid_json",
                          "the request body is not valid JSON: %s (line %d, column %d)", jerr.text, jerr.line,

@@ -18,6 +18,7 @@
 #include "http/api_internal.h"
 
 #include "core/config.h"
+#include "core/jsonr.h"
 #include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
@@ -277,7 +278,7 @@ int response_text(struct buf *b, const struct api *api, const struct conv *conv,
 void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
                     const struct turn *t, enum response_stage stage, const json_t *reqp)
 {
-    json_t *parsed = !reqp && t->req ? json_loads(t->req, 0, NULL) : NULL;
+    json_t *parsed = !reqp && t->req ? jsonr_loadb(t->req, strlen(t->req), NULL) : NULL;
     struct buf b;
     buf_init(&b, SIZE_MAX / 2);
     int rc = response_text(&b, api, conv, turn, t, stage, reqp ? reqp : parsed);
@@ -375,7 +376,8 @@ static void emit_ended(struct sse_ctx *s)
 bool responses_sse(const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                    const struct turn_event *events, size_t n, long after, long *seq, struct evbuffer *out)
 {
-    struct sse_ctx s = {api, conv, turn, t, t->req ? json_loads(t->req, 0, NULL) : NULL, out, after, seq, {0}};
+    struct sse_ctx s = {api, conv,  turn, t,  t->req ? jsonr_loadb(t->req, strlen(t->req), NULL) : NULL,
+                        out, after, seq,  {0}};
     buf_init(&s.ev, SIZE_MAX / 2);
     bool ended = false;
     for (size_t i = 0; i < n && !ended; i++) {
@@ -680,7 +682,7 @@ static json_t *create_body(struct api *api, struct evhttp_request *req)
         return NULL;
     }
     json_error_t jerr;
-    json_t *root = len ? json_loadb(body, len, 0, &jerr) : NULL;
+    json_t *root = len ? jsonr_loadb(body, len, &jerr) : NULL;
     if (!json_is_object(root)) {
         char msg[256];
         snprintf(msg, sizeof msg, "the request body must be a JSON object%s%s", root || !len ? "" : ": ",
@@ -777,7 +779,7 @@ static void announce_cancel(struct api *api, const struct conv *conv, long turn,
         json_pack("{s:s, s:s%, s:s, s:s, s:I, s:s, s:I}", "conversation_id", conv->id, "user_prompt",
                   t->prompt ? t->prompt : "", t->prompt ? t->prompt_len : 0, "llm_response", "", "status", "cancelled",
                   "turn", (json_int_t)turn, "response_id", rid, "completed_at", (json_int_t)t->completed_at);
-    json_t *req = t->req ? json_loads(t->req, 0, NULL) : NULL;
+    json_t *req = t->req ? jsonr_loadb(t->req, strlen(t->req), NULL) : NULL;
     json_t *cb = json_object_get(req, "callback_url");
     if (json_is_string(cb))
         json_object_set(m, "callback_url", cb);
