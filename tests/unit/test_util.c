@@ -15,6 +15,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+static void check_fmt(int64_t v)
+{
+    char got[24], want[24];
+    size_t n = fmt_i64(got, v);
+    snprintf(want, sizeof want, "%lld", (long long)v);
+    assert_string_equal(got, want);
+    assert_int_equal(n, strlen(want));
+}
+
 static void test_conv_id(void **state)
 {
     (void)state;
@@ -115,6 +124,14 @@ static void test_json_string(void **state)
         snprintf(want, sizeof want, "%lld", (long long)nums[i]);
         assert_string_equal(got, want);
         assert_int_equal(n, strlen(want));
+    }
+    for (int64_t v = -1100; v <= 1100; v++) /* every two-digit step of fmt_i64 */
+        check_fmt(v);
+    for (int64_t p = 10; p <= INT64_MAX / 10; p *= 10) { /* every digit count */
+        check_fmt(p - 1);
+        check_fmt(p);
+        check_fmt(p + 1);
+        check_fmt(-p);
     }
     char prev[CONV_ID_LEN + 1] = "", id[CONV_ID_LEN + 1];
     for (int i = 0; i < 200; i++) {
