@@ -105,11 +105,11 @@ enum response_stage { RESPONSE_QUEUED, RESPONSE_IN_PROGRESS, RESPONSE_NOW };
  * or -1 if a member of req is nested too deep to write (create never stores one). */
 struct buf;
 int response_text(struct buf *b, const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                  enum response_stage stage, const json_t *req);
+                  enum response_stage stage, json_t *req);
 /* Answers 200 with the Response object (see response_text). reqp: t->req parsed (borrowed), or NULL to parse
  * it here. */
 void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
-                    const struct turn *t, enum response_stage stage, const json_t *reqp);
+                    const struct turn *t, enum response_stage stage, json_t *reqp);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);
 /* Expands a streamed turn's stored events into OpenAI's SSE events (see responses.c), appending those whose

@@ -58,6 +58,49 @@ static bool parse_response_id(const char *id, char *conv, size_t convlen, long *
     return true;
 }
 
+/* ---------------------------------------------------------------- the request's parameters */
+
+/* The members of a create request that matter here (each NULL if absent), found in one pass over its object
+ * (the body, or the parameters stored with the turn) rather than a hash lookup for each: a dozen lookups cost
+ * more than the pass. */
+struct req_params {
+    json_t *input, *model, *instructions, *temperature, *top_p, *max_output_tokens, *metadata, *background, *stream,
+        *callback_url, *tools, *previous_response_id;
+};
+
+static void req_params_find(json_t *obj, struct req_params *rp)
+{
+    static const struct {
+        const char *name;
+        size_t off;
+    } members[] = {
+        {"input", offsetof(struct req_params, input)},
+        {"model", offsetof(struct req_params, model)},
+        {"background", offsetof(struct req_params, background)},
+        {"instructions", offsetof(struct req_params, instructions)},
+        {"temperature", offsetof(struct req_params, temperature)},
+        {"top_p", offsetof(struct req_params, top_p)},
+        {"max_output_tokens", offsetof(struct req_params, max_output_tokens)},
+        {"metadata", offsetof(struct req_params, metadata)},
+        {"stream", offsetof(struct req_params, stream)},
+        {"callback_url", offsetof(struct req_params, callback_url)},
+        {"tools", offsetof(struct req_params, tools)},
+        {"previous_response_id", offsetof(struct req_params, previous_response_id)},
+    };
+    memset(rp, 0, sizeof *rp);
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v)
+    {
+        for (size_t i = 0; i < sizeof members / sizeof members[0]; i++) {
+            if (key[0] == members[i].name[0] && strcmp(key, members[i].name) == 0) {
+                *(json_t **)((char *)rp + members[i].off) = v;
+                break;
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- the Response object */
 
 /* The Response object and the stream's events are written as text, straight into a buffer: building them as
@@ -118,9 +161,8 @@ static void append_id(struct buf *b, const char *prefix, const char *conv_id, lo
 }
 
 /* A member of the request echoed as it came (null if absent). -1 if jsonw cannot write it. */
-static int append_req_field(struct buf *b, const json_t *req, const char *name)
+static int append_req_field(struct buf *b, const json_t *v)
 {
-    const json_t *v = json_object_get(req, name);
     if (!v)
         return buf_append_lit(b, "null");
     return jsonw_append(b, v);
@@ -128,9 +170,8 @@ static int append_req_field(struct buf *b, const json_t *req, const char *name)
 
 /* The request's metadata (an object of strings, validated on create), with the moderation verdict's entries
  * set as moderation_metadata sets them (replacing a client's entry of the same name where it stands). */
-static int append_metadata(struct buf *b, const json_t *req, const char *moderation)
+static int append_metadata(struct buf *b, json_t *md, const char *moderation)
 {
-    json_t *md = json_object_get(req, "metadata");
     if (!moderation)
         return json_is_object(md) ? jsonw_append(b, md) : buf_append_lit(b, "{}");
     json_t *m = json_is_object(md) ? json_deep_copy(md) : json_object(); /* rare: keep jansson's semantics */
@@ -219,13 +260,15 @@ static void append_outcome(struct buf *b, const struct turn *t, enum response_st
 }
 
 int response_text(struct buf *b, const struct api *api, const struct conv *conv, long turn, const struct turn *t,
-                  enum response_stage stage, const json_t *req)
+                  enum response_stage stage, json_t *req)
 {
     const char *status = stage == RESPONSE_QUEUED        ? "queued"
                          : stage == RESPONSE_IN_PROGRESS ? "in_progress"
                                                          : openai_status(t);
     bool done = stage == RESPONSE_NOW && t->status == TURN_COMPLETE;
-    const char *model = done && t->model && t->model[0] ? t->model : json_string_value(json_object_get(req, "model"));
+    struct req_params rp;
+    req_params_find(req, &rp);
+    const char *model = done && t->model && t->model[0] ? t->model : json_string_value(rp.model);
     int rc = 0;
     buf_append_lit(b, "{\"id\":");
     append_id(b, "resp_", conv->id, turn);
@@ -235,24 +278,23 @@ int response_text(struct buf *b, const struct api *api, const struct conv *conv,
     append_str(b, status);
     buf_append_lit(b, ",\"model\":");
     append_str(b, model && model[0] ? model : api->cfg->llm_model);
-    if (json_is_true(json_object_get(req, "background")))
+    if (json_is_true(rp.background))
         buf_append_lit(b, ",\"background\":true");
     else
         buf_append_lit(b, ",\"background\":false");
     append_outcome(b, t, stage, done, status);
-    static const struct {
-        const char *name, *member;
-    } echoed[] = {{"instructions", ",\"instructions\":"},
-                  {"max_output_tokens", ",\"max_output_tokens\":"},
-                  {"temperature", ",\"temperature\":"},
-                  {"top_p", ",\"top_p\":"},
-                  {"previous_response_id", ",\"previous_response_id\":"}};
-    for (size_t i = 0; i < sizeof echoed / sizeof echoed[0]; i++) {
-        buf_append(b, echoed[i].member, strlen(echoed[i].member));
-        rc |= append_req_field(b, req, echoed[i].name);
-    }
+    buf_append_lit(b, ",\"instructions\":");
+    rc |= append_req_field(b, rp.instructions);
+    buf_append_lit(b, ",\"max_output_tokens\":");
+    rc |= append_req_field(b, rp.max_output_tokens);
+    buf_append_lit(b, ",\"temperature\":");
+    rc |= append_req_field(b, rp.temperature);
+    buf_append_lit(b, ",\"top_p\":");
+    rc |= append_req_field(b, rp.top_p);
+    buf_append_lit(b, ",\"previous_response_id\":");
+    rc |= append_req_field(b, rp.previous_response_id);
     buf_append_lit(b, ",\"metadata\":");
-    rc |= append_metadata(b, req, t->moderation);
+    rc |= append_metadata(b, rp.metadata, t->moderation);
     buf_append_lit(b, ",\"output\":[");
     if (done) {
         append_message_item(b, conv->id, turn, t, true);
@@ -276,7 +318,7 @@ int response_text(struct buf *b, const struct api *api, const struct conv *conv,
 }
 
 void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
-                    const struct turn *t, enum response_stage stage, const json_t *reqp)
+                    const struct turn *t, enum response_stage stage, json_t *reqp)
 {
     json_t *parsed = !reqp && t->req ? jsonr_loadb(t->req, strlen(t->req), NULL) : NULL;
     struct buf b;
@@ -501,46 +543,6 @@ static bool number_in(json_t *v, double lo, double hi)
     return json_is_number(v) && json_number_value(v) >= lo && json_number_value(v) <= hi;
 }
 
-/* The members of a create request that matter here (each NULL if absent), found in one pass over the body's
- * object rather than a hash lookup for each check: a dozen lookups cost more than the pass. */
-struct create_req {
-    json_t *input, *model, *instructions, *temperature, *top_p, *max_output_tokens, *metadata, *background, *stream,
-        *callback_url, *tools, *previous_response_id;
-};
-
-static void create_members(json_t *root, struct create_req *cr)
-{
-    static const struct {
-        const char *name;
-        size_t off;
-    } members[] = {
-        {"input", offsetof(struct create_req, input)},
-        {"model", offsetof(struct create_req, model)},
-        {"background", offsetof(struct create_req, background)},
-        {"instructions", offsetof(struct create_req, instructions)},
-        {"temperature", offsetof(struct create_req, temperature)},
-        {"top_p", offsetof(struct create_req, top_p)},
-        {"max_output_tokens", offsetof(struct create_req, max_output_tokens)},
-        {"metadata", offsetof(struct create_req, metadata)},
-        {"stream", offsetof(struct create_req, stream)},
-        {"callback_url", offsetof(struct create_req, callback_url)},
-        {"tools", offsetof(struct create_req, tools)},
-        {"previous_response_id", offsetof(struct create_req, previous_response_id)},
-    };
-    memset(cr, 0, sizeof *cr);
-    const char *key;
-    json_t *v;
-    json_object_foreach(root, key, v)
-    {
-        for (size_t i = 0; i < sizeof members / sizeof members[0]; i++) {
-            if (strcmp(key, members[i].name) == 0) {
-                *(json_t **)((char *)cr + members[i].off) = v;
-                break;
-            }
-        }
-    }
-}
-
 static bool null_or(json_t *v, bool ok)
 {
     return !v || json_is_null(v) || ok;
@@ -549,7 +551,7 @@ static bool null_or(json_t *v, bool ok)
 /* The checks of the parameters (but input's), in the order their errors are reported. Answers 400 (or 404 for
  * a previous response that cannot be ours) and returns false on the first that fails; else fills conv and
  * *prev_turn when previous_response_id is given. */
-static bool create_params_ok(struct evhttp_request *req, const struct create_req *cr, char *conv, size_t convlen,
+static bool create_params_ok(struct evhttp_request *req, const struct req_params *cr, char *conv, size_t convlen,
                              long *prev_turn)
 {
     json_t *mot = cr->max_output_tokens, *md = cr->metadata;
@@ -618,7 +620,7 @@ static void append_member(struct buf *b, const char *name, json_t *v)
 
 /* The turn's stored request parameters (turn_meta.req), as text: each echoed parameter (null when absent), then
  * background, callback_url when given, and stream. */
-static void write_req_json(struct buf *b, const struct create_req *cr)
+static void write_req_json(struct buf *b, const struct req_params *cr)
 {
     json_t *const echoed[] = {cr->model,    cr->instructions,        cr->temperature, cr->top_p, cr->max_output_tokens,
                               cr->metadata, cr->previous_response_id};
@@ -648,7 +650,7 @@ static void write_req_json(struct buf *b, const struct create_req *cr)
 
 /* The members the worker needs beside the prompt (submit_params.extra): the LLM parameters given, the callback,
  * the whole input when it is a list (input_json), the turn the context ends at. Without the braces. */
-static void write_extra(struct buf *b, const struct create_req *cr, const char *input_json, long prev_turn)
+static void write_extra(struct buf *b, const struct req_params *cr, const char *input_json, long prev_turn)
 {
     append_member(b, "model", cr->model);
     append_member(b, "instructions", cr->instructions);
@@ -696,7 +698,7 @@ static json_t *create_body(struct api *api, struct evhttp_request *req)
 
 /* Validated: hands the turn to submit.c. content: the last user message's text; norm: the input as a list, or
  * NULL when it was a string. The request's parameters are written as text once, for Redis and for Kafka. */
-static void create_submit(struct api *api, struct evhttp_request *req, json_t *root, const struct create_req *cr,
+static void create_submit(struct api *api, struct evhttp_request *req, json_t *root, const struct req_params *cr,
                           json_t *content, json_t *norm, const char *conv, long prev_turn)
 {
     bool stream = json_is_true(cr->stream), background = json_is_true(cr->background);
@@ -731,8 +733,8 @@ static void handle_create(struct api *api, struct evhttp_request *req)
     json_t *root = create_body(api, req);
     if (!root)
         return;
-    struct create_req cr;
-    create_members(root, &cr);
+    struct req_params cr;
+    req_params_find(root, &cr);
     char conv[72];
     long prev_turn = 0;
     if (!create_params_ok(req, &cr, conv, sizeof conv, &prev_turn)) {
