@@ -101,8 +101,9 @@ bool responses_route(struct api *api, struct evhttp_request *req, const char *pa
 /* How a Response object shows its turn: as its create event does (status "queued", no output), as its
  * in_progress event does, or as the turn is now. */
 enum response_stage { RESPONSE_QUEUED, RESPONSE_IN_PROGRESS, RESPONSE_NOW };
-/* Appends the Response object of a turn (t must exist) to b. req: t->req parsed (borrowed), or NULL. Returns 0,
- * or -1 if a member of req is nested too deep to write (create never stores one). */
+/* Appends the Response object of a turn (t must exist) to b. req: the request's parameters parsed (t->req, or
+ * the create's body; borrowed), or NULL. Returns 0, or -1 if a member of req is nested too deep to write
+ * (create never accepts one). */
 struct buf;
 int response_text(struct buf *b, const struct api *api, const struct conv *conv, long turn, const struct turn *t,
                   enum response_stage stage, json_t *req);

@@ -14,7 +14,6 @@
 #include "http/api_internal.h"
 
 #include "core/config.h"
-#include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "http/http.h"
