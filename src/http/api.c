@@ -4,6 +4,7 @@
 
 #include "core/config.h"
 #include "core/jsonr.h"
+#include "core/jsonw.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "http/api_internal.h"
@@ -173,17 +174,23 @@ static void handle_answer_post(struct api *api, struct evhttp_request *req)
 
 /* ---------------------------------------------------------------- /polling */
 
+/* The /polling status word of a turn (NULL: no turn yet). */
+static const char *view_status(const struct turn *t)
+{
+    if (t && t->status == TURN_COMPLETE)
+        return "complete";
+    if (t && t->status == TURN_FAILED)
+        return "failed";
+    if (t && t->status == TURN_CANCELLED)
+        return "cancelled"; /* a client cancelled it (Responses API): final, like complete and failed */
+    return "pending";
+}
+
 json_t *api_conv_view(const struct conv *conv)
 {
     long n = conv_current_turn(conv);
     const struct turn *t = n ? &conv->turn[n] : NULL;
-    const char *status = "pending";
-    if (t && t->status == TURN_COMPLETE)
-        status = "complete";
-    else if (t && t->status == TURN_FAILED)
-        status = "failed";
-    else if (t && t->status == TURN_CANCELLED)
-        status = "cancelled"; /* a client cancelled it (Responses API): final, like complete and failed */
+    const char *status = view_status(t);
     json_t *v = json_pack("{s:s, s:s, s:s%, s:s%}", "status", status, "conversation_id", conv->id, "user_prompt",
                           t && t->prompt ? t->prompt : "", t && t->prompt ? t->prompt_len : 0, "llm_response",
                           t && t->status == TURN_COMPLETE && t->response ? t->response : "",
@@ -206,6 +213,107 @@ json_t *api_conv_view(const struct conv *conv)
     json_object_set_new(v, "created_at", json_integer(conv->created_at));
     json_object_set_new(v, "updated_at", json_integer(conv->updated_at));
     return v;
+}
+
+/* ---- the same view written straight as text
+ *
+ * api_conv_view builds a jansson tree (about 40 allocations for a complete turn) that is then written out and
+ * freed; /polling is the hottest read, so its answer is written directly instead. The text must stay
+ * byte-identical to jsonw_append(api_conv_view()) (members in the same order, jansson's escapes and integer
+ * formats): tests/unit/test_poll_view.c compares the two. Where jansson's own rules would decide the outcome (a
+ * stored string that is not valid UTF-8, which jansson refuses, so the member is dropped or the view is NULL),
+ * the writer gives up and the caller uses the tree. */
+
+const char *api_conv_poll_status(const struct conv *conv, long *turn)
+{
+    *turn = conv_current_turn(conv);
+    return view_status(*turn ? &conv->turn[*turn] : NULL);
+}
+
+/* s[0..n) as a JSON string, if jansson would accept it (valid UTF-8: utf8_valid also refuses NUL, which jansson
+ * would escape; that rare case goes to jansson too). */
+static int view_string(struct buf *b, const char *s, size_t n)
+{
+    return utf8_valid(s, n) ? buf_append_json_string(b, s, n) : -1;
+}
+
+static int view_cstring(struct buf *b, const char *s)
+{
+    return view_string(b, s, strlen(s));
+}
+
+static int view_int(struct buf *b, int64_t v)
+{
+    char num[24];
+    return buf_append(b, num, fmt_i64(num, v));
+}
+
+/* ,"usage":{...} of a complete turn: json_pack's "i" (int) conversions, as api_conv_view. */
+static int view_done(struct buf *b, const struct turn *t)
+{
+    if (buf_append_lit(b, ",\"model\":") || view_cstring(b, t->model ? t->model : "") ||
+        buf_append_lit(b, ",\"finish_reason\":") || view_cstring(b, t->finish_reason ? t->finish_reason : "") ||
+        buf_append_lit(b, ",\"usage\":{\"prompt_tokens\":") || view_int(b, (int)t->prompt_tokens) ||
+        buf_append_lit(b, ",\"completion_tokens\":") || view_int(b, (int)t->completion_tokens) ||
+        buf_append_lit(b, ",\"total_tokens\":") || view_int(b, (int)t->total_tokens) || buf_append_lit(b, "}"))
+        return -1;
+    return 0;
+}
+
+static int view_error(struct buf *b, const struct turn *t)
+{
+    if (buf_append_lit(b, ",\"error\":{\"code\":") || view_cstring(b, t->error_code ? t->error_code : "failed") ||
+        buf_append_lit(b, ",\"message\":") || view_cstring(b, t->error_message ? t->error_message : "") ||
+        buf_append_lit(b, "}"))
+        return -1;
+    return 0;
+}
+
+/* ,"moderation":{...} when the stored verdict is a JSON object (moderation_polling_view's rule). Rare: a
+ * verdict is parsed and written by jansson's rules, as in the tree. */
+static int view_moderation(struct buf *b, const char *verdict)
+{
+    json_t *v = json_loads(verdict, 0, NULL);
+    int rc = 0;
+    if (json_is_object(v))
+        rc = buf_append_lit(b, ",\"moderation\":") || jsonw_append(b, v) ? -1 : 0;
+    json_decref(v);
+    return rc;
+}
+
+int api_conv_view_write(struct buf *b, const struct conv *conv)
+{
+    long n = conv_current_turn(conv);
+    const struct turn *t = n ? &conv->turn[n] : NULL;
+    bool done = t && t->status == TURN_COMPLETE;
+    const char *status = view_status(t), *state = t ? turn_status_name(t->status) : "pending";
+    if (buf_append_lit(b, "{\"status\":\"") || buf_append(b, status, strlen(status)) ||
+        buf_append_lit(b, "\",\"conversation_id\":") || view_cstring(b, conv->id) ||
+        buf_append_lit(b, ",\"user_prompt\":") ||
+        view_string(b, t && t->prompt ? t->prompt : "", t && t->prompt ? t->prompt_len : 0) ||
+        buf_append_lit(b, ",\"llm_response\":") ||
+        view_string(b, done && t->response ? t->response : "", done && t->response ? t->response_len : 0) ||
+        buf_append_lit(b, ",\"turn\":") || view_int(b, n) || buf_append_lit(b, ",\"state\":\"") ||
+        buf_append(b, state, strlen(state)) || buf_append_lit(b, "\""))
+        return -1;
+    if ((done && view_done(b, t)) || (t && t->status == TURN_FAILED && view_error(b, t)) ||
+        (t && t->moderation && view_moderation(b, t->moderation)))
+        return -1;
+    if (buf_append_lit(b, ",\"created_at\":") || view_int(b, conv->created_at) ||
+        buf_append_lit(b, ",\"updated_at\":") || view_int(b, conv->updated_at) || buf_append_lit(b, "}"))
+        return -1;
+    return 0;
+}
+
+void api_reply_poll(struct evhttp_request *req, const struct conv *conv)
+{
+    struct buf b;
+    buf_init(&b, SIZE_MAX / 2);
+    if (api_conv_view_write(&b, conv) == 0 && buf_append_lit(&b, "\n") == 0)
+        http_reply_text(req, 200, b.data, b.len);
+    else
+        http_reply_json(req, 200, api_conv_view(conv));
+    buf_free(&b);
 }
 
 static void handle_polling(struct api *api, struct evhttp_request *req)

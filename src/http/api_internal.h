@@ -22,6 +22,7 @@ struct conv;
 struct turn;
 struct turn_meta;
 struct watch;
+struct buf;
 
 struct api {
     struct event_base *base;
@@ -52,6 +53,14 @@ bool api_callback_ok(struct evhttp_request *req, const char *url);
 bool api_conv_id_ok(struct evhttp_request *req, const char *id);
 /* The seed's /polling object for a conversation. */
 json_t *api_conv_view(const struct conv *conv);
+/* Appends the same object's compact JSON text to b, byte for byte what jsonw_append(api_conv_view(conv))
+ * writes, without building it. Returns -1 (b then holds a partial text) past b's limit, or when a stored string
+ * is not valid UTF-8: jansson's rules then decide, so use api_conv_view. */
+int api_conv_view_write(struct buf *b, const struct conv *conv);
+/* The view's "status" and (into *turn) "turn", without writing it. */
+const char *api_conv_poll_status(const struct conv *conv, long *turn);
+/* Answers 200 with conv's /polling view (written as text, or through jansson when the writer gives up). */
+void api_reply_poll(struct evhttp_request *req, const struct conv *conv);
 /* Writes "<public-url>/polling?conversationId=<id>" into out. */
 void api_polling_url(const struct api *api, const char *conv_id, char *out, size_t len);
 

@@ -184,10 +184,10 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
         return;
     }
     if (w->kind == W_POLL) {
-        json_t *view = api_conv_view(conv);
-        const char *status = json_string_value(json_object_get(view, "status"));
+        long turn;
+        const char *status = api_conv_poll_status(conv, &turn);
         char sig[48];
-        snprintf(sig, sizeof sig, "%lld %s", (long long)json_integer_value(json_object_get(view, "turn")), status);
+        snprintf(sig, sizeof sig, "%ld %s", turn, status);
         if (!w->have_sig) {
             snprintf(w->sig, sizeof w->sig, "%s", sig);
             w->have_sig = true;
@@ -195,11 +195,10 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
                 w->finishing = true; /* nothing to wait for */
         }
         if (w->finishing || strcmp(sig, w->sig) != 0) {
-            http_reply_json(req, 200, view);
+            api_reply_poll(req, conv);
             watch_done(w);
             return;
         }
-        json_decref(view);
     } else {
         const struct turn *t = w->turn >= 1 && w->turn <= conv->nturns ? &conv->turn[w->turn] : NULL;
         if (!t || t->status == TURN_NONE || t->status == TURN_REJECTED || t->status == TURN_DELETED) {
