@@ -10,7 +10,9 @@
  *
  * Lifetimes. A waiter holds its request until it answers. A stream that started its reply is tied to its
  * connection: when the client goes away, libevent calls the close callback and frees the request, so the
- * waiter forgets it at once. A waiter with a Redis read in flight (busy) is freed when that read answers. */
+ * waiter forgets it at once. A waiter with a Redis read in flight (busy) is freed when that read answers.
+ *
+ * A poll without wait (the common one) is no waiter: one read and its answer, none of the above. */
 #include "http/api_internal.h"
 
 #include "core/config.h"
@@ -55,7 +57,6 @@ struct watch {
     bool busy;           /* a Redis read is in flight */
     bool dirty;          /* woken while busy: read again after */
     bool finishing;      /* answer at the next read, whatever it shows */
-    bool subscribed;     /* it waits: its conversation's notifications are wanted (notify_watch) */
     bool streaming;      /* W_STREAM: the reply has started */
     long after_entry;    /* W_STREAM: position of the last stored event read */
     long next_seq;       /* W_STREAM: sequence number of the next SSE event */
@@ -75,8 +76,7 @@ static void watch_link(struct watch *w)
         snprintf(l->conv_id, sizeof l->conv_id, "%s", w->conv_id);
         map_put(api->watches, l->conv_id, l);
     }
-    if (w->subscribed)
-        notify_watch(api->notify, l->conv_id);
+    notify_watch(api->notify, l->conv_id); /* every waiter wants its conversation's notifications */
     w->list = l;
     w->next = l->head;
     if (l->head)
@@ -99,8 +99,7 @@ static void watch_unlink(struct watch *w)
         l->head = w->next;
     if (w->next)
         w->next->prev = w->prev;
-    if (w->subscribed)
-        notify_unwatch(w->api->notify, l->conv_id);
+    notify_unwatch(w->api->notify, l->conv_id);
     if (!l->head) {
         map_del(w->api->watches, l->conv_id);
         free(l);
@@ -128,17 +127,14 @@ static void watch_done(struct watch *w)
         free(w);
 }
 
-/* waits: false for a poll answered at its first read (no subscription needed). */
 static struct watch *watch_new(struct api *api, enum watch_kind kind, struct evhttp_request *req, const char *conv_id,
-                               long turn, bool waits)
+                               long turn)
 {
     struct watch *w = xcalloc(1, sizeof *w);
     w->api = api;
     w->kind = kind;
     w->req = req;
     w->turn = turn;
-    w->subscribed = waits;
-    w->finishing = !waits;
     snprintf(w->conv_id, sizeof w->conv_id, "%s", conv_id);
     watch_link(w);
     return w;
@@ -218,19 +214,49 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
     }
 }
 
+/* A poll without wait: one read, one answer. It needs no waiter: nothing wakes it, the store answers every read
+ * exactly once (STORE_EUNAVAILABLE when it closes, before the connections are freed: api_free), and a request
+ * whose client left is still ours to answer (libevent then frees it). */
+struct poll_once {
+    struct api *api;
+    struct evhttp_request *req;
+};
+
+static void poll_once_cb(void *arg, int rc, const struct conv *conv)
+{
+    struct poll_once *po = arg;
+    if (rc == STORE_OK)
+        api_reply_poll(po->req, conv);
+    else if (rc == STORE_ENOTFOUND)
+        http_reply_error(po->req, 404, "invalid_request_error", "conversation_not_found", "no such conversation");
+    else
+        api_reply_unavailable(po->api, po->req, "the conversation store (Redis) is unavailable");
+    free(po);
+}
+
 void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id, long wait_s)
 {
     if (api->stopping)
         wait_s = 0;
-    struct watch *w = watch_new(api, W_POLL, req, conv_id, 0, wait_s > 0);
-    if (wait_s > 0)
-        arm(w, wait_s, finish_timer_cb, false);
+    if (wait_s <= 0) {
+        if (!api->st) {
+            api_reply_unavailable(api, req, "the server is shutting down");
+            return;
+        }
+        struct poll_once *po = xmalloc(sizeof *po);
+        po->api = api;
+        po->req = req;
+        store_load(api->st, conv_id, poll_once_cb, po);
+        return;
+    }
+    struct watch *w = watch_new(api, W_POLL, req, conv_id, 0);
+    arm(w, wait_s, finish_timer_cb, false);
     wake(w);
 }
 
 void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
 {
-    struct watch *w = watch_new(api, W_SYNC, req, conv_id, turn, true);
+    struct watch *w = watch_new(api, W_SYNC, req, conv_id, turn);
     arm(w, api->cfg->sync_timeout_s, finish_timer_cb, false);
     wake(w);
 }
@@ -331,7 +357,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
 
 void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_id, long turn, long starting_after)
 {
-    struct watch *w = watch_new(api, W_STREAM, req, conv_id, turn, true);
+    struct watch *w = watch_new(api, W_STREAM, req, conv_id, turn);
     w->starting_after = starting_after;
     wake(w);
 }
