@@ -11,6 +11,7 @@
 #include "core/log.h"
 #include "core/util.h"
 #include "store/notify.h"
+#include "store/reply.h"
 
 #include <event2/event.h>
 #include <event2/event_struct.h>
@@ -460,6 +461,7 @@ static void store_connect(struct store *st)
         return;
     }
     ac->data = st;
+    reply_arena_use(ac->c.reader); /* replies in one arena each, not an allocation per object */
     redisLibeventAttach(ac, st->base);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
