@@ -19,6 +19,7 @@
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <openssl/sha.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -590,9 +591,100 @@ static void op_timeout_cb(evutil_socket_t fd, short what, void *arg)
     schedule_reconnect(st);
 }
 
-static long parse_long(const char *s)
+/* A decimal integer as the scripts store them (an optional '-', digits; stops at anything else), saturating like
+ * strtol. Written out because strtol's locale and base handling were a visible share of a poll. */
+static long parse_long(const char *s, size_t len)
 {
-    return s ? strtol(s, NULL, 10) : 0;
+    size_t i = 0;
+    bool neg = len > 0 && s[0] == '-';
+    i += neg;
+    unsigned long v = 0, lim = neg ? (unsigned long)LONG_MAX + 1 : (unsigned long)LONG_MAX;
+    for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (lim - d) / 10)
+            return neg ? LONG_MIN : LONG_MAX;
+        v = v * 10 + d;
+    }
+    return neg ? (long)(0 - v) : (long)v; /* 0 - v of LONG_MAX + 1 is LONG_MIN's bits */
+}
+
+/* The per-turn fields (t<n>.<name>) and where each goes in struct turn: conv_parse looks a field up by length
+ * first, so most fields cost one memcmp. */
+enum tf_kind { TF_STATUS, TF_STR, TF_TEXT, TF_LONG, TF_I64, TF_FLAG };
+
+static const struct turn_field {
+    const char *name;
+    size_t len;
+    enum tf_kind kind;
+    size_t off, len_off; /* of the member in struct turn; len_off: its length (TF_TEXT) */
+} turn_fields[] = {
+#define TF(name, kind, member)                                                                                         \
+    {                                                                                                                  \
+        name, sizeof name - 1, kind, offsetof(struct turn, member), 0                                                  \
+    }
+    TF("status", TF_STATUS, status),
+    {"prompt", 6, TF_TEXT, offsetof(struct turn, prompt), offsetof(struct turn, prompt_len)},
+    {"response", 8, TF_TEXT, offsetof(struct turn, response), offsetof(struct turn, response_len)},
+    TF("model", TF_STR, model),
+    TF("finish_reason", TF_STR, finish_reason),
+    TF("error_code", TF_STR, error_code),
+    TF("error_message", TF_STR, error_message),
+    TF("prompt_tokens", TF_LONG, prompt_tokens),
+    TF("completion_tokens", TF_LONG, completion_tokens),
+    TF("total_tokens", TF_LONG, total_tokens),
+    TF("attempts", TF_LONG, attempts),
+    TF("submitted_at", TF_I64, submitted_at),
+    TF("completed_at", TF_I64, completed_at),
+    TF("started_at", TF_I64, started_at),
+    TF("published", TF_FLAG, published),
+    TF("moderation", TF_STR, moderation),
+    TF("stream", TF_FLAG, stream),
+    TF("req", TF_STR, req),
+    TF("input", TF_STR, input),
+#undef TF
+};
+
+/* Sets turn field f[0..flen) of t from v (strings point into the reply); other fields are ignored. */
+static void turn_set(struct turn *t, const char *f, size_t flen, const redisReply *v)
+{
+    for (size_t i = 0; i < sizeof turn_fields / sizeof turn_fields[0]; i++) {
+        const struct turn_field *tf = &turn_fields[i];
+        if (tf->len != flen || memcmp(tf->name, f, flen) != 0)
+            continue;
+        char *m = (char *)t + tf->off;
+        switch (tf->kind) {
+        case TF_STATUS:
+            t->status = parse_status(v->str);
+            break;
+        case TF_TEXT:
+            *(size_t *)((char *)t + tf->len_off) = v->len;
+            /* fall through */
+        case TF_STR:
+            *(const char **)m = v->str;
+            break;
+        case TF_LONG:
+            *(long *)m = parse_long(v->str, v->len);
+            break;
+        case TF_I64:
+            *(int64_t *)m = parse_long(v->str, v->len);
+            break;
+        case TF_FLAG:
+            *(bool *)m = true;
+            break;
+        }
+        return;
+    }
+}
+
+#define FIELD_IS(k, lit) ((k)->len == sizeof(lit) - 1 && memcmp((k)->str, lit, sizeof(lit) - 1) == 0)
+
+/* Sets a conversation-level field (turns is read beforehand). */
+static void conv_set(struct conv *conv, const redisReply *k, const redisReply *v)
+{
+    if (FIELD_IS(k, "created_at"))
+        conv->created_at = parse_long(v->str, v->len);
+    else if (FIELD_IS(k, "updated_at"))
+        conv->updated_at = parse_long(v->str, v->len);
 }
 
 /* Builds a struct conv over an HGETALL reply (strings point into the reply). Returns -1 on a malformed reply. */
@@ -603,8 +695,8 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
     if (r->type != REDIS_REPLY_ARRAY || r->elements % 2)
         return -1;
     for (size_t i = 0; i + 1 < r->elements; i += 2) {
-        if (r->element[i]->type == REDIS_REPLY_STRING && strcmp(r->element[i]->str, "turns") == 0)
-            conv->nturns = parse_long(r->element[i + 1]->str);
+        if (r->element[i]->type == REDIS_REPLY_STRING && FIELD_IS(r->element[i], "turns"))
+            conv->nturns = parse_long(r->element[i + 1]->str, r->element[i + 1]->len);
     }
     if (conv->nturns < 0 || conv->nturns > 1000000)
         return -1;
@@ -613,58 +705,17 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
         const redisReply *k = r->element[i], *v = r->element[i + 1];
         if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
             continue;
-        if (strcmp(k->str, "created_at") == 0)
-            conv->created_at = parse_long(v->str);
-        else if (strcmp(k->str, "updated_at") == 0)
-            conv->updated_at = parse_long(v->str);
-        if (k->str[0] != 't' || k->str[1] < '0' || k->str[1] > '9')
+        if (k->str[0] != 't' || k->len < 2 || k->str[1] < '0' || k->str[1] > '9') {
+            conv_set(conv, k, v);
             continue;
-        char *dot;
-        long n = strtol(k->str + 1, &dot, 10);
-        if (*dot != '.' || n < 1 || n > conv->nturns)
+        }
+        long n = 0;
+        size_t j = 1;
+        for (; j < k->len && k->str[j] >= '0' && k->str[j] <= '9' && n <= conv->nturns; j++)
+            n = n * 10 + (k->str[j] - '0');
+        if (j >= k->len || k->str[j] != '.' || n < 1 || n > conv->nturns)
             continue;
-        struct turn *t = &conv->turn[n];
-        const char *f = dot + 1;
-        if (strcmp(f, "status") == 0)
-            t->status = parse_status(v->str);
-        else if (strcmp(f, "prompt") == 0) {
-            t->prompt = v->str;
-            t->prompt_len = v->len;
-        } else if (strcmp(f, "response") == 0) {
-            t->response = v->str;
-            t->response_len = v->len;
-        } else if (strcmp(f, "model") == 0)
-            t->model = v->str;
-        else if (strcmp(f, "finish_reason") == 0)
-            t->finish_reason = v->str;
-        else if (strcmp(f, "error_code") == 0)
-            t->error_code = v->str;
-        else if (strcmp(f, "error_message") == 0)
-            t->error_message = v->str;
-        else if (strcmp(f, "prompt_tokens") == 0)
-            t->prompt_tokens = parse_long(v->str);
-        else if (strcmp(f, "completion_tokens") == 0)
-            t->completion_tokens = parse_long(v->str);
-        else if (strcmp(f, "total_tokens") == 0)
-            t->total_tokens = parse_long(v->str);
-        else if (strcmp(f, "attempts") == 0)
-            t->attempts = parse_long(v->str);
-        else if (strcmp(f, "submitted_at") == 0)
-            t->submitted_at = parse_long(v->str);
-        else if (strcmp(f, "completed_at") == 0)
-            t->completed_at = parse_long(v->str);
-        else if (strcmp(f, "started_at") == 0)
-            t->started_at = parse_long(v->str);
-        else if (strcmp(f, "published") == 0)
-            t->published = true;
-        else if (strcmp(f, "moderation") == 0)
-            t->moderation = v->str;
-        else if (strcmp(f, "stream") == 0)
-            t->stream = true;
-        else if (strcmp(f, "req") == 0)
-            t->req = v->str;
-        else if (strcmp(f, "input") == 0)
-            t->input = v->str;
+        turn_set(&conv->turn[n], k->str + j + 1, k->len - j - 1, v);
     }
     return 0;
 }
