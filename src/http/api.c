@@ -318,10 +318,18 @@ void api_reply_poll(struct evhttp_request *req, const struct conv *conv)
 
 static void handle_polling(struct api *api, struct evhttp_request *req)
 {
-    char *conv = http_query(req, "conversationId");
+    /* The query is parsed once for its parameters (http_query parses and copies it again for each one). */
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
+    struct evkeyvalq params;
+    params.tqh_first = NULL;
+    params.tqh_last = &params.tqh_first;
+    if (query && evhttp_parse_query_str(query, &params) != 0)
+        evhttp_clear_headers(&params); /* malformed: no parameters, as http_query */
+    const char *conv = evhttp_find_header(&params, "conversationId");
     if (!conv)
-        conv = http_query(req, "conversation_id");
-    char *wait = http_query(req, "wait");
+        conv = evhttp_find_header(&params, "conversation_id");
+    const char *wait = evhttp_find_header(&params, "wait");
     long wait_s = 0;
     char *end = NULL;
     if (wait)
@@ -338,8 +346,7 @@ static void handle_polling(struct api *api, struct evhttp_request *req)
         else
             watch_poll(api, req, conv, wait_s < api->cfg->poll_max_wait_s ? wait_s : api->cfg->poll_max_wait_s);
     }
-    free(wait);
-    free(conv);
+    evhttp_clear_headers(&params);
 }
 
 /* ---------------------------------------------------------------- routing */
