@@ -316,20 +316,107 @@ void api_reply_poll(struct evhttp_request *req, const struct conv *conv)
     buf_free(&b);
 }
 
+/* ---- the query of /polling, read without allocating
+ *
+ * libevent's evhttp_parse_query_str (under http_query) copies the query, allocates every pair and frees them
+ * again; for the two or three parameters of a poll that was a few percent of the request. This reads them in
+ * place with libevent's rules, kept exactly (tests/unit/test_query.c compares the two): pairs are split on '&';
+ * a pair without '=' or with an empty key makes the whole query unreadable, so no parameter is found; keys are
+ * compared undecoded and without regard to ASCII case, and the first match wins; a value is decoded ('+' is a
+ * space, %XX with two hex digits a byte) and then read as a C string (up to a decoded NUL). */
+
+static bool ascii_eq_nocase(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+        if (x >= 'A' && x <= 'Z')
+            x += 32;
+        if (y >= 'A' && y <= 'Z')
+            y += 32;
+        if (x != y)
+            return false;
+    }
+    return true;
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Decodes s[0..n) into out (size bytes, NUL-terminated, cut short if need be); returns the full decoded length. */
+static size_t query_decode(const char *s, size_t n, char *out, size_t size)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < n; i++, j++) {
+        char c = s[i];
+        if (c == '+')
+            c = ' ';
+        else if (c == '%' && i + 2 < n && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
+            c = (char)(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
+            i += 2;
+        }
+        if (j + 1 < size)
+            out[j] = c;
+    }
+    out[j < size ? j : size - 1] = '\0';
+    return j;
+}
+
+bool api_query_value(const char *query, const char *name, char *out, size_t size, size_t *full_len)
+{
+    size_t nlen = strlen(name);
+    const char *found = NULL;
+    size_t found_len = 0;
+    for (const char *p = query; *p;) {
+        const char *amp = strchr(p, '&');
+        size_t len = amp ? (size_t)(amp - p) : strlen(p);
+        const char *eq = memchr(p, '=', len);
+        if (!eq || eq == p)
+            return false; /* libevent refuses the whole query */
+        if (!found && (size_t)(eq - p) == nlen && ascii_eq_nocase(p, name, nlen)) {
+            found = eq + 1;
+            found_len = len - nlen - 1;
+        }
+        if (!amp)
+            break;
+        p = amp + 1;
+    }
+    if (!found)
+        return false;
+    *full_len = query_decode(found, found_len, out, size);
+    return true;
+}
+
+/* Query parameter name of req (query: its query string, or NULL), as http_query finds it: in buf when its
+ * decoded value fits, else through http_query into *heap (the caller frees it). NULL if absent. */
+static const char *poll_param(struct evhttp_request *req, const char *query, const char *name, char *buf, size_t size,
+                              char **heap)
+{
+    size_t full;
+    if (!query || !api_query_value(query, name, buf, size, &full))
+        return NULL;
+    if (full < size)
+        return buf;
+    *heap = http_query(req, name);
+    return *heap;
+}
+
 static void handle_polling(struct api *api, struct evhttp_request *req)
 {
-    /* The query is parsed once for its parameters (http_query parses and copies it again for each one). */
     const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
     const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
-    struct evkeyvalq params;
-    params.tqh_first = NULL;
-    params.tqh_last = &params.tqh_first;
-    if (query && evhttp_parse_query_str(query, &params) != 0)
-        evhttp_clear_headers(&params); /* malformed: no parameters, as http_query */
-    const char *conv = evhttp_find_header(&params, "conversationId");
+    char conv_buf[128], wait_buf[32], *conv_heap = NULL, *wait_heap = NULL;
+    const char *conv = poll_param(req, query, "conversationId", conv_buf, sizeof conv_buf, &conv_heap);
     if (!conv)
-        conv = evhttp_find_header(&params, "conversation_id");
-    const char *wait = evhttp_find_header(&params, "wait");
+        conv = poll_param(req, query, "conversation_id", conv_buf, sizeof conv_buf, &conv_heap);
+    const char *wait = poll_param(req, query, "wait", wait_buf, sizeof wait_buf, &wait_heap);
     long wait_s = 0;
     char *end = NULL;
     if (wait)
@@ -346,7 +433,8 @@ static void handle_polling(struct api *api, struct evhttp_request *req)
         else
             watch_poll(api, req, conv, wait_s < api->cfg->poll_max_wait_s ? wait_s : api->cfg->poll_max_wait_s);
     }
-    evhttp_clear_headers(&params);
+    free(conv_heap);
+    free(wait_heap);
 }
 
 /* ---------------------------------------------------------------- routing */

@@ -61,6 +61,10 @@ int api_conv_view_write(struct buf *b, const struct conv *conv);
 const char *api_conv_poll_status(const struct conv *conv, long *turn);
 /* Answers 200 with conv's /polling view (written as text, or through jansson when the writer gives up). */
 void api_reply_poll(struct evhttp_request *req, const struct conv *conv);
+/* Finds parameter name in a query string as http_query would (libevent's rules, see api.c) without allocating:
+ * writes its decoded value into out (NUL-terminated, cut at size - 1 bytes), its full decoded length into
+ * *full_len, and returns true; false if absent or if libevent would refuse the query. */
+bool api_query_value(const char *query, const char *name, char *out, size_t size, size_t *full_len);
 /* Writes "<public-url>/polling?conversationId=<id>" into out. */
 void api_polling_url(const struct api *api, const char *conv_id, char *out, size_t len);
 
