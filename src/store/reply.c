@@ -28,7 +28,7 @@ struct block {
 };
 
 struct arena {
-    struct block *head; /* the newest block; the oldest one holds this struct */
+    struct block *head; /* the block being filled, then older ones; the first one holds this struct */
     const redisReply *root;
 };
 
@@ -60,20 +60,29 @@ static void *arena_alloc(struct arena *a, size_t n)
 {
     n = round_up(n);
     struct block *b = a->head;
-    if (b->cap - b->used < n) {
-        size_t cap = BLOCK_BYTES - sizeof *b;
-        b = block_new(n > cap ? n : cap);
-        b->next = a->head;
-        a->head = b;
+    if (b->cap - b->used >= n) {
+        void *p = b->data + b->used;
+        b->used += n;
+        return p;
     }
-    void *p = b->data + b->used;
-    b->used += n;
-    return p;
+    size_t cap = BLOCK_BYTES - sizeof *b;
+    if (n > cap) { /* a block of its own, behind the head, whose free space stays in use */
+        struct block *big = block_new(n);
+        big->used = n;
+        big->next = b->next;
+        b->next = big;
+        return big->data;
+    }
+    b = block_new(cap);
+    b->next = a->head;
+    a->head = b;
+    b->used = n;
+    return b->data;
 }
 
-/* A new object of type for task: in its parent's arena and linked into the parent, or, for a root, in a new
- * arena. */
-static redisReply *node_new(const redisReadTask *task, int type)
+/* A new object of type for task, followed by extra bytes (its string, its element vector): in its parent's arena
+ * and linked into the parent, or, for a root, in a new arena. */
+static redisReply *node_new(const redisReadTask *task, int type, size_t extra)
 {
     struct arena *a;
     if (task->parent) {
@@ -85,7 +94,7 @@ static redisReply *node_new(const redisReadTask *task, int type)
         a->head = b;
         a->root = NULL;
     }
-    struct node *nd = arena_alloc(a, sizeof *nd);
+    struct node *nd = arena_alloc(a, sizeof *nd + extra);
     memset(nd, 0, sizeof *nd);
     nd->arena = a;
     nd->r.type = type;
@@ -98,10 +107,16 @@ static redisReply *node_new(const redisReadTask *task, int type)
     return &nd->r;
 }
 
+/* The extra bytes that node_new put after r. */
+static void *node_extra(redisReply *r)
+{
+    return (struct node *)((char *)r - offsetof(struct node, r)) + 1;
+}
+
 static void *create_string(const redisReadTask *task, char *str, size_t len)
 {
-    redisReply *r = node_new(task, task->type);
-    r->str = arena_alloc(arena_of(r), len + 1);
+    redisReply *r = node_new(task, task->type, len + 1);
+    r->str = node_extra(r);
     memcpy(r->str, str, len);
     r->str[len] = '\0';
     r->len = len;
@@ -111,10 +126,10 @@ static void *create_string(const redisReadTask *task, char *str, size_t len)
 static void *create_array(const redisReadTask *task, int elements)
 {
     size_t n = elements > 0 ? (size_t)elements : 0;
-    redisReply *r = node_new(task, REDIS_REPLY_ARRAY);
+    redisReply *r = node_new(task, REDIS_REPLY_ARRAY, n * sizeof(redisReply *));
     r->elements = n;
     if (n) {
-        r->element = arena_alloc(arena_of(r), n * sizeof *r->element);
+        r->element = node_extra(r);
         memset(r->element, 0, n * sizeof *r->element);
     }
     return r;
@@ -122,14 +137,14 @@ static void *create_array(const redisReadTask *task, int elements)
 
 static void *create_integer(const redisReadTask *task, long long value)
 {
-    redisReply *r = node_new(task, REDIS_REPLY_INTEGER);
+    redisReply *r = node_new(task, REDIS_REPLY_INTEGER, 0);
     r->integer = value;
     return r;
 }
 
 static void *create_nil(const redisReadTask *task)
 {
-    return node_new(task, REDIS_REPLY_NIL);
+    return node_new(task, REDIS_REPLY_NIL, 0);
 }
 
 static void free_object(void *obj)
@@ -140,7 +155,7 @@ static void free_object(void *obj)
     struct arena *a = arena_of(r);
     if (a->root != r) /* an element: freed with its root */
         return;
-    struct block *b = a->head; /* the arena itself is in the last block freed */
+    struct block *b = a->head; /* a is in one of them: not read once freeing starts */
     while (b) {
         struct block *next = b->next;
         free(b);
