@@ -22,6 +22,7 @@
  * costs O(connections). Spreading the calls over several multi handles, each with its own cache, bounds that
  * walk by this number. */
 #define CALLS_PER_SHARD 128
+#define LLM_RECV_BUFFER 2048L /* curl accepts 1,024 to 10 MiB (CURLOPT_BUFFERSIZE) */
 #define MAX_SHARDS 128
 
 /* One base URL and the calls in flight to it. */
@@ -388,6 +389,11 @@ static struct llm_call *call_start(struct llm *llm, const char *url, const struc
     curl_easy_setopt(eh, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(eh, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
     curl_easy_setopt(eh, CURLOPT_TCP_NODELAY, 1L);
+    /* curl's receive buffer is allocated per handle when it connects and kept while the handle is reused: 16 KiB
+     * by default, times thousands of calls in flight. An LLM answer arrives over seconds in pieces far smaller
+     * than that (a whole chat completion is a few KiB), so a small buffer costs a read or two more per answer
+     * and saves most of the memory a waiting call holds (bench/ANALYSIS.md, worker memory). */
+    curl_easy_setopt(eh, CURLOPT_BUFFERSIZE, LLM_RECV_BUFFER);
     curl_easy_setopt(eh, CURLOPT_ACCEPT_ENCODING, "");
     curl_easy_setopt(eh, CURLOPT_USERAGENT, "asyncllm/0.1");
     curl_easy_setopt(eh, CURLOPT_PROTOCOLS_STR, "http,https");
