@@ -21,6 +21,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -85,12 +86,38 @@ static struct evhttp *server_new(struct event_base *base, const struct config *c
     return http;
 }
 
-/* The headers of every JSON answer, then the answer (its body is in the output buffer). */
+/* The Date header's value (RFC 9110's IMF-fixdate), formatted once a second per thread. libevent formats it
+ * for every answer it sends without one (gmtime and a printf: about a tenth of what a /healthz costs). */
+static const char *http_date(void)
+{
+    static _Thread_local time_t sec = -1;
+    static _Thread_local char text[32];
+    time_t now = time(NULL);
+    if (now != sec) {
+        static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+        static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        snprintf(text, sizeof text, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[tm.tm_wday % 7], tm.tm_mday,
+                 months[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        sec = now;
+    }
+    return text;
+}
+
+/* The headers of every JSON answer, then the answer (its body is in the output buffer). Date and Content-Length
+ * are set here, where they are cheap, so that libevent does not format them itself. */
 static void send_json(struct evhttp_request *req, int code)
 {
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    char len[24];
+    fmt_i64(len, (int64_t)evbuffer_get_length(evhttp_request_get_output_buffer(req)));
     evhttp_add_header(h, "Content-Type", "application/json");
     evhttp_add_header(h, "Cache-Control", "no-store");
+    evhttp_add_header(h, "Date", http_date());
+    if (code >= 200 && code != 204 && code != 304) /* the answers that carry a body */
+        evhttp_add_header(h, "Content-Length", len);
     evhttp_send_reply(req, code, NULL, NULL);
 }
 

@@ -325,8 +325,11 @@ def check_whole_stream(events, prompt):
     assert events[-4][2].text == answer
     final = events[-1][2].response
     assert final.status == "completed" and final.output_text == answer, final
-    # The fake LLM streams one piece per word: the deltas came from a streamed LLM call, not one block.
-    assert types.count("response.output_text.delta") == len(answer.split()), types
+    # The fake LLM streams one piece per word, spread over the call's latency: the deltas came from a streamed LLM
+    # call, not one block. The worker makes one delta of what one network read brings, so two pieces that arrive
+    # together (a busy machine) are one delta: fewer deltas than words is fine, far fewer is not streaming.
+    deltas, nwords = types.count("response.output_text.delta"), len(answer.split())
+    assert nwords // 2 < deltas <= nwords, (deltas, nwords, types)
 
 
 def test_stream_dropped_halfway_and_resumed_with_starting_after(client, stream_api, fakellm):
