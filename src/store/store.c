@@ -1,10 +1,30 @@
 /* store.c - see store.h.
  *
- * Connection: one redisAsyncContext on the loop. When it drops, hiredis answers every pending command with a
- * NULL reply (which we turn into STORE_EUNAVAILABLE) and a timer reconnects with a growing delay (50 ms to 2 s).
- * hiredis 0.14 has no command timeout, so each operation arms its own timer; when one fires, the operation
- * answers STORE_EUNAVAILABLE and the connection is dropped (a Redis that stopped answering is treated as down),
- * and the late reply, if any, only frees the operation. */
+ * Connection: one redisAsyncContext on the loop. When it drops, hiredis answers every command written to it
+ * with a NULL reply (which we turn into STORE_EUNAVAILABLE) and a timer reconnects with a growing delay (50 ms
+ * to 2 s).
+ *
+ * Window. At most STORE_WINDOW operations are written to the connection and not yet answered (st->sent, in
+ * write order, which is reply order); further ones wait in st->queued, a FIFO, and are written one per reply
+ * that comes back. Pipelining is kept (the window is large), but a burst (a worker starting with 16,384
+ * prompts waiting sends as many BEGIN scripts) no longer sits in Redis' queue and our socket all at once.
+ * Every operation goes through the FIFO when anything is queued, so operations are written in call order
+ * (the order of one conversation's operations is the callers' order). A MULTI/EXEC group is one operation:
+ * its commands are written together, never split by the window.
+ *
+ * Timeout. hiredis 0.14 has no command timeout. A single timer checks that the oldest command written (the
+ * head of st->sent: Redis answers in order) is younger than --redis-timeout-ms; when it is not, Redis is
+ * treated as down: the connection is dropped, so every written operation answers STORE_EUNAVAILABLE, and
+ * every queued one after them (in call order). The clock starts when a command is written, so it measures
+ * Redis (and our loop reading its replies), not the time an operation waited in our queue.
+ *
+ * Queued operations have no deadline of their own: while the oldest written command keeps being answered
+ * within the timeout, Redis is alive and working through a backlog, and failing the operations behind it
+ * would only turn load into retries (the start-up livelock this design removes: a burst timed out, the jobs
+ * retried, the next burst timed out again). When Redis stops answering, the oldest written command ages past
+ * the timeout and the queue fails with the connection: an operation fails at most --redis-timeout-ms after
+ * Redis last answered anything. The queue's length is bounded (STORE_QUEUE_MAX): past it an operation fails
+ * at once, as when Redis is down. Operations issued while disconnected fail at once, as before. */
 #include "store/store.h"
 
 #include "core/config.h"
@@ -13,6 +33,7 @@
 #include "store/notify.h"
 #include "store/reply.h"
 
+#include <assert.h>
 #include <event2/event.h>
 #include <event2/event_struct.h>
 #include <hiredis/adapters/libevent.h>
@@ -25,10 +46,20 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #define KEY_PREFIX "asyncllm:conv:"
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
+/* Operations written and not answered. Large enough to keep the connection busy (a reply is about 10 us of
+ * Redis' time, so a full window is a few ms of work), small enough that the oldest of them is answered well
+ * within the timeout even when Redis or our loop is slow. */
+#define STORE_WINDOW 512
+/* Operations waiting for the window: a hard limit on the queue's memory, far above what the callers' own
+ * limits (in-flight prompts, HTTP connections) let through. */
+#define STORE_QUEUE_MAX (1 << 18)
+/* A MULTI/EXEC group's commands: MULTI, HSET, EXPIRE, EXEC. */
+#define CMD_PIECES_MAX 4
 
 /* Every script that changes a turn notifies the conversation's channel (NOTIFY_CHANNEL_PREFIX + id, and cancels
  * NOTIFY_CANCEL_CHANNEL too) with "<conversation> <turn> <what>" (notify.h), and
@@ -274,9 +305,15 @@ struct store {
     bool closing;
     struct event *reconnect_ev;
     int reconnect_ms;
-    int pending;                      /* commands sent and not answered */
-    const struct timeval *op_timeout; /* --redis-timeout-ms as a common timeout of base: O(1) timers */
-    struct buf scratch;               /* for formatting commands */
+    int pending;             /* operations written and not answered (in sent): at most STORE_WINDOW */
+    size_t nqueued;          /* operations in queued */
+    TAILQ_HEAD(, op) sent;   /* written, in write order (= reply order): the head is the oldest */
+    TAILQ_HEAD(, op) queued; /* waiting for the window, in call order */
+    struct event *check_ev;  /* the oldest written command's deadline (see the top of this file) */
+    bool check_armed;        /* check_ev is pending */
+    bool overflowed;         /* the queue reached STORE_QUEUE_MAX (logged once until it empties) */
+    uint64_t timeouts;       /* connections dropped because Redis stopped answering */
+    struct buf scratch;      /* for formatting commands */
     /* Rejections (store_reject) that could not be written: Redis was down. Written again once it is back, so
      * that a turn whose client got a 503 does not stay "pending". */
     struct reject *rejects;
@@ -312,12 +349,15 @@ static void marks_cb(evutil_socket_t fd, short what, void *arg);
 static void marks_flush(struct store *st);
 
 struct op {
+    TAILQ_ENTRY(op) link; /* in st->queued, then in st->sent */
     struct store *st;
     enum op_kind kind;
-    bool answered;
-    bool timer_on;
-    bool is_new;        /* OP_REJECT */
-    struct event timer; /* --redis-timeout-ms, on the store's common timeout */
+    bool is_new;     /* OP_REJECT */
+    int npieces;     /* commands in cmd: 1, or those of a MULTI/EXEC group */
+    int64_t sent_at; /* mono_ms() when written */
+    /* While queued: the command(s) in RESP (owned), piece i ending at ends[i]. NULL once written. */
+    char *cmd;
+    size_t ends[CMD_PIECES_MAX];
     void *arg;
     union {
         store_submit_cb *submit;
@@ -334,6 +374,10 @@ struct op {
 };
 
 static void store_connect(struct store *st);
+static void queue_fail(struct store *st);
+static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata);
+static void reject_later(struct store *st, const struct op *op);
+static void check_cb(evutil_socket_t fd, short what, void *arg);
 
 const char *turn_status_name(enum turn_status s)
 {
@@ -423,6 +467,8 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
         log_warn("redis: disconnected%s%s", status == REDIS_OK ? "" : ": ", status == REDIS_OK ? "" : ac->errstr);
     st->ac = NULL;
     st->connected = false;
+    /* hiredis has answered every written operation (NULL replies); the queued ones follow, in call order */
+    queue_fail(st);
     schedule_reconnect(st);
 }
 
@@ -481,8 +527,9 @@ struct store *store_new(struct event_base *base, const struct config *cfg)
     pthread_once(&scripts_once, scripts_hash);
     struct store *st = xcalloc(1, sizeof *st);
     st->base = base;
-    struct timeval otv = {cfg->redis_timeout_ms / 1000, (cfg->redis_timeout_ms % 1000) * 1000};
-    st->op_timeout = event_base_init_common_timeout(base, &otv);
+    TAILQ_INIT(&st->sent);
+    TAILQ_INIT(&st->queued);
+    st->check_ev = evtimer_new(base, check_cb, st);
     buf_init(&st->scratch, SIZE_MAX / 2);
     st->cfg = cfg;
     st->reconnect_ms = RECONNECT_MIN_MS;
@@ -499,7 +546,9 @@ void store_free(struct store *st)
         return;
     st->closing = true;
     if (st->ac)
-        redisAsyncFree(st->ac); /* answers pending commands with NULL replies */
+        redisAsyncFree(st->ac); /* answers written commands with NULL replies, then queued ones (on_disconnect) */
+    queue_fail(st);             /* in case the connection never came up */
+    event_free(st->check_ev);
     event_free(st->reconnect_ev);
     event_free(st->reject_ev);
     event_free(st->marks_ev);
@@ -525,10 +574,10 @@ void store_drain(struct store *st, int timeout_ms)
 {
     int64_t deadline = mono_ms() + timeout_ms;
     marks_flush(st);
-    while (st->pending > 0 && st->ac && mono_ms() < deadline)
+    while ((st->pending > 0 || st->nqueued > 0) && st->ac && mono_ms() < deadline)
         event_base_loop(st->base, EVLOOP_ONCE);
-    if (st->pending > 0)
-        log_warn("redis: %d command(s) unanswered at shutdown", st->pending);
+    if (st->pending > 0 || st->nqueued > 0)
+        log_warn("redis: %d command(s) unanswered and %zu not written at shutdown", st->pending, st->nqueued);
 }
 
 /* ---------------------------------------------------------------- operations */
@@ -571,23 +620,160 @@ static bool has_callback(const struct op *op)
            op->kind == OP_RC || op->kind == OP_EVENTS || op->kind == OP_IDEM || op->kind == OP_VERDICT;
 }
 
-static void op_timeout_cb(evutil_socket_t fd, short what, void *arg)
+static void op_free(struct op *op)
+{
+    free(op->cmd);
+    free(op);
+}
+
+/* An operation that cannot be written (Redis down, or the queue full) answers STORE_EUNAVAILABLE; a rejection
+ * waits for Redis instead. */
+static void op_fail(struct store *st, struct op *op)
+{
+    if (op->kind == OP_REJECT)
+        reject_later(st, op);
+    if (has_callback(op))
+        op_answer_error(op, STORE_EUNAVAILABLE);
+    op_free(op);
+}
+
+/* hiredis takes commands: connected, and not being torn down (it would refuse them). */
+static bool writable(const struct store *st)
+{
+    return st->ac && st->connected && !(st->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
+}
+
+static void check_arm(struct store *st, int64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    evtimer_add(st->check_ev, &tv);
+    st->check_armed = true;
+}
+
+/* Hands op's command(s), cmd with piece i ending at ends[i], to hiredis; the last piece carries op's callback,
+ * the others (MULTI and the commands it queues) none. Returns -1 if hiredis refused. */
+static int op_write(struct store *st, struct op *op, const char *cmd, const size_t *ends, int npieces)
+{
+    size_t from = 0;
+    for (int i = 0; i < npieces; i++) {
+        bool last = i == npieces - 1;
+        int rc =
+            redisAsyncFormattedCommand(st->ac, last ? op_reply_cb : NULL, last ? op : NULL, cmd + from, ends[i] - from);
+        if (rc != REDIS_OK)
+            return -1;
+        from = ends[i];
+    }
+    st->pending++;
+    op->sent_at = mono_ms();
+    TAILQ_INSERT_TAIL(&st->sent, op, link);
+    if (!st->check_armed)
+        check_arm(st, st->cfg->redis_timeout_ms);
+    return 0;
+}
+
+/* Sends op's command(s) (see op_write): written now if the window has room and nothing waits, else queued
+ * behind the operations waiting (a copy of cmd is kept). Answers STORE_EUNAVAILABLE at once if Redis is down
+ * or the queue is full. Takes op. */
+static void op_submit(struct store *st, struct op *op, const char *cmd, const size_t *ends, int npieces)
+{
+    assert(npieces >= 1 && npieces <= CMD_PIECES_MAX);
+    op->st = st;
+    if (!st->ac || !st->connected) {
+        op_fail(st, op);
+        return;
+    }
+    if (TAILQ_EMPTY(&st->queued) && st->pending < STORE_WINDOW) {
+        if (op_write(st, op, cmd, ends, npieces))
+            op_fail(st, op); /* the context is being torn down */
+        return;
+    }
+    if (st->nqueued >= STORE_QUEUE_MAX) {
+        if (!st->overflowed)
+            log_error("redis: %zu operations wait for the connection already: failing new ones until the queue "
+                      "empties",
+                      st->nqueued);
+        st->overflowed = true;
+        op_fail(st, op);
+        return;
+    }
+    size_t len = ends[npieces - 1];
+    op->cmd = xmalloc(len);
+    memcpy(op->cmd, cmd, len);
+    memcpy(op->ends, ends, (size_t)npieces * sizeof *ends);
+    op->npieces = npieces;
+    TAILQ_INSERT_TAIL(&st->queued, op, link);
+    st->nqueued++;
+}
+
+/* Writes queued operations while the window has room. */
+static void queue_pump(struct store *st)
+{
+    while (st->pending < STORE_WINDOW && !TAILQ_EMPTY(&st->queued) && writable(st)) {
+        struct op *op = TAILQ_FIRST(&st->queued);
+        TAILQ_REMOVE(&st->queued, op, link);
+        st->nqueued--;
+        char *cmd = op->cmd;
+        op->cmd = NULL;
+        int rc = op_write(st, op, cmd, op->ends, op->npieces);
+        free(cmd);
+        if (rc)
+            op_fail(st, op);
+    }
+    if (st->nqueued == 0)
+        st->overflowed = false;
+}
+
+/* Fails every queued operation, in call order (the connection is gone). One that a callback issues meanwhile
+ * fails at once (not connected) rather than joining the queue. */
+static void queue_fail(struct store *st)
+{
+    struct op *op;
+    while ((op = TAILQ_FIRST(&st->queued))) {
+        TAILQ_REMOVE(&st->queued, op, link);
+        st->nqueued--;
+        op_fail(st, op);
+    }
+    st->overflowed = false;
+}
+
+/* The oldest written command's deadline: rearmed for the new oldest one while Redis answers, else drops the
+ * connection (see the top of this file). */
+static void check_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    struct op *op = arg;
-    struct store *st = op->st;
-    log_warn("redis: command timed out after %ld ms; dropping the connection", st->cfg->redis_timeout_ms);
-    op->answered = true;
-    if (has_callback(op))
-        op_answer_error(op, STORE_EUNAVAILABLE);
-    /* Answers every pending command (this one too, which then only frees op). Not redisAsyncDisconnect(),
-     * which would wait for the replies of a server that stopped answering. */
+    struct store *st = arg;
+    st->check_armed = false;
+    const struct op *head = TAILQ_FIRST(&st->sent);
+    if (!head)
+        return; /* armed again by the next write */
+    int64_t age = mono_ms() - head->sent_at;
+    if (age >= st->cfg->redis_timeout_ms && writable(st)) {
+        /* The loop may have been busy with other work while the replies arrived: read what is there before
+         * judging (libevent may run this timer before the socket's read event in the same iteration). */
+        redisAsyncHandleRead(st->ac);
+        head = TAILQ_FIRST(&st->sent);
+        if (!head)
+            return;
+        age = mono_ms() - head->sent_at;
+    }
+    if (age < st->cfg->redis_timeout_ms) {
+        if (!st->check_armed)
+            check_arm(st, st->cfg->redis_timeout_ms - age);
+        return;
+    }
+    if (!st->ac)
+        return; /* already dropped (the read above found the connection closed) */
+    log_warn("redis: command timed out after %ld ms; dropping the connection (%d written, %zu queued)",
+             st->cfg->redis_timeout_ms, st->pending, st->nqueued);
+    st->timeouts++;
+    /* Answers every written command, then (on_disconnect) every queued one. Not redisAsyncDisconnect(), which
+     * would wait for the replies of a server that stopped answering. */
     redisAsyncContext *ac = st->ac;
     st->ac = NULL;
     st->connected = false;
-    if (ac)
-        redisAsyncFree(ac);
+    redisAsyncFree(ac);
+    queue_fail(st);
     schedule_reconnect(st);
 }
 
@@ -782,25 +968,24 @@ static void verdict_reply(struct op *op, const redisReply *reply)
     op->cb.verdict(op->arg, STORE_OK, reply->element[0]->integer == 1, v, reply->element[2]->integer == 1);
 }
 
-static void reject_later(struct store *st, const struct op *op);
-
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
     (void)ac;
     struct op *op = privdata;
-    op->st->pending--;
+    struct store *st = op->st;
+    assert(op == TAILQ_FIRST(&st->sent)); /* Redis answers in order */
+    TAILQ_REMOVE(&st->sent, op, link);
+    st->pending--;
+    queue_pump(st); /* before the callback: the window stays full, and the queue keeps call order */
     redisReply *reply = r;
     if (op->kind == OP_REJECT && !reply) /* Redis went away (an error reply is logged below) */
-        reject_later(op->st, op);
-    if (op->timer_on)
-        event_del(&op->timer);
-    if (op->answered || !has_callback(op)) {
+        reject_later(st, op);
+    if (!has_callback(op)) {
         if (reply && reply->type == REDIS_REPLY_ERROR)
             log_error("redis: %s", reply->str);
         free(op);
         return;
     }
-    op->answered = true;
     if (!reply || reply->type == REDIS_REPLY_ERROR) {
         if (reply)
             log_error("redis: %s", reply->str);
@@ -914,22 +1099,10 @@ static struct buf *resp_scratch(struct store *st)
     return b;
 }
 
-/* Sends a command in RESP (cmd[0..len)) for op; answers STORE_EUNAVAILABLE at once if Redis is down. */
+/* Sends a command in RESP (cmd[0..len)) for op (see op_submit). */
 static void op_send_formatted(struct store *st, struct op *op, const char *cmd, size_t len)
 {
-    op->st = st;
-    if (!st->ac || !st->connected || redisAsyncFormattedCommand(st->ac, op_reply_cb, op, cmd, len) != REDIS_OK) {
-        if (op->kind == OP_REJECT)
-            reject_later(st, op);
-        if (has_callback(op))
-            op_answer_error(op, STORE_EUNAVAILABLE);
-        free(op);
-        return;
-    }
-    st->pending++;
-    evtimer_assign(&op->timer, st->base, op_timeout_cb, op);
-    evtimer_add(&op->timer, st->op_timeout);
-    op->timer_on = true;
+    op_submit(st, op, cmd, &len, 1);
 }
 
 /* Sends a command for op (argv[0..argc)); answers STORE_EUNAVAILABLE at once if Redis is down. */
@@ -1012,48 +1185,55 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
 static void submit_new_plain(struct store *st, const char *key, const char *prompt, size_t prompt_len,
                              const struct turn_meta *meta, const struct nums *n, struct op *op)
 {
-    if (st->ac && st->connected) {
-        const char *a[24];
-        size_t l[24];
-        int c = 0;
+    if (!st->ac || !st->connected) {
+        op_fail(st, op);
+        return;
+    }
+    const char *a[24];
+    size_t l[24];
+    int c = 0;
 #define ARG(s, len) (a[c] = (s), l[c] = (len), c++)
 #define ARGS(s) ARG(s, strlen(s))
-        ARGS("HSET");
-        ARGS(key);
-        ARGS("turns");
-        ARGS("1");
-        ARGS("created_at");
-        ARGS(n->now);
-        ARGS("updated_at");
-        ARGS(n->now);
-        ARGS("t1.prompt");
-        ARG(prompt, prompt_len);
-        ARGS("t1.status");
-        ARGS("pending");
-        ARGS("t1.submitted_at");
-        ARGS(n->now);
-        if (meta && meta->req && meta->req[0]) {
-            ARGS("t1.req");
-            ARGS(meta->req);
-        }
-        if (meta && meta->input && meta->input[0]) {
-            ARGS("t1.input");
-            ARGS(meta->input);
-        }
+    ARGS("HSET");
+    ARGS(key);
+    ARGS("turns");
+    ARGS("1");
+    ARGS("created_at");
+    ARGS(n->now);
+    ARGS("updated_at");
+    ARGS(n->now);
+    ARGS("t1.prompt");
+    ARG(prompt, prompt_len);
+    ARGS("t1.status");
+    ARGS("pending");
+    ARGS("t1.submitted_at");
+    ARGS(n->now);
+    if (meta && meta->req && meta->req[0]) {
+        ARGS("t1.req");
+        ARGS(meta->req);
+    }
+    if (meta && meta->input && meta->input[0]) {
+        ARGS("t1.input");
+        ARGS(meta->input);
+    }
 #undef ARG
 #undef ARGS
-        struct buf *b = resp_scratch(st);
-        redisAsyncFormattedCommand(st->ac, NULL, NULL, "*1\r\n$5\r\nMULTI\r\n", 15);
-        resp_append(b, c, a, l);
-        redisAsyncFormattedCommand(st->ac, NULL, NULL, b->data, b->len);
-        if (st->cfg->conversation_ttl_s > 0) {
-            const char *e[] = {"EXPIRE", key, n->ttl};
-            buf_reset(b);
-            resp_append(b, 3, e, NULL);
-            redisAsyncFormattedCommand(st->ac, NULL, NULL, b->data, b->len);
-        }
+    /* one operation of 3 or 4 commands, written together (op_submit) */
+    struct buf *b = resp_scratch(st);
+    size_t ends[CMD_PIECES_MAX];
+    int np = 0;
+    buf_append_lit(b, "*1\r\n$5\r\nMULTI\r\n");
+    ends[np++] = b->len;
+    resp_append(b, c, a, l);
+    ends[np++] = b->len;
+    if (st->cfg->conversation_ttl_s > 0) {
+        const char *e[] = {"EXPIRE", key, n->ttl};
+        resp_append(b, 3, e, NULL);
+        ends[np++] = b->len;
     }
-    op_send_formatted(st, op, "*1\r\n$4\r\nEXEC\r\n", 14); /* not connected: answers STORE_EUNAVAILABLE */
+    buf_append_lit(b, "*1\r\n$4\r\nEXEC\r\n");
+    ends[np++] = b->len;
+    op_submit(st, op, b->data, ends, np);
 }
 
 void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
