@@ -29,6 +29,7 @@
 
 #include "core/config.h"
 #include "core/log.h"
+#include "core/metrics.h"
 #include "core/util.h"
 #include "store/notify.h"
 #include "store/reply.h"
@@ -58,6 +59,8 @@
 /* Operations waiting for the window: a hard limit on the queue's memory, far above what the callers' own
  * limits (in-flight prompts, HTTP connections) let through. */
 #define STORE_QUEUE_MAX (1 << 18)
+#define STR_(x) #x
+#define STR(x) STR_(x)
 /* A MULTI/EXEC group's commands: MULTI, HSET, EXPIRE, EXEC. */
 #define CMD_PIECES_MAX 4
 
@@ -568,6 +571,18 @@ void store_free(struct store *st)
 bool store_connected(const struct store *st)
 {
     return st->connected;
+}
+
+void store_metrics(const struct store *st, struct evbuffer *out)
+{
+    metric_gauge(out, "asyncllm_redis_commands_written", "store operations written to Redis and not answered",
+                 (double)st->pending);
+    metric_gauge(out, "asyncllm_redis_commands_queued",
+                 "store operations waiting for room on the Redis connection (at most " STR(STORE_WINDOW) " written)",
+                 (double)st->nqueued);
+    metric_counter(out, "asyncllm_redis_timeouts_total",
+                   "Redis connections dropped because the oldest command went unanswered for --redis-timeout-ms",
+                   (double)st->timeouts);
 }
 
 void store_drain(struct store *st, int timeout_ms)

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 struct event_base;
+struct evbuffer;
 struct config;
 struct store;
 
@@ -107,6 +108,10 @@ struct store *store_new(struct event_base *base, const struct config *cfg);
 /* Closes the connection; pending operations answer STORE_EUNAVAILABLE before this returns. */
 void store_free(struct store *st);
 bool store_connected(const struct store *st);
+/* Writes the store's metrics (Prometheus text, core/metrics.h) to out: operations written to Redis and not
+ * answered, operations queued for the connection's window, connections dropped because Redis stopped
+ * answering. */
+void store_metrics(const struct store *st, struct evbuffer *out);
 /* Runs the loop until every command sent has been answered (at most timeout_ms): the last writes of a
  * shutdown (fire-and-forget ones included) reach Redis before store_free() closes the connection. Only at
  * shutdown, once nothing else on the loop can fire. */
