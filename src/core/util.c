@@ -121,8 +121,7 @@ void buf_init(struct buf *b, size_t max)
     b->max = max;
 }
 
-/* Room for n more bytes and the NUL; -1 past max. */
-static int buf_reserve(struct buf *b, size_t n)
+int buf_reserve(struct buf *b, size_t n)
 {
     if (n > b->max - b->len)
         return -1;

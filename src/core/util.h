@@ -35,6 +35,8 @@ struct buf {
     size_t len, cap, max;
 };
 void buf_init(struct buf *b, size_t max);
+/* Room for n more bytes and the NUL (for writers that fill data + len themselves); -1 past max. */
+int buf_reserve(struct buf *b, size_t n);
 /* buf_append's slow path: grows the buffer first. */
 int buf_append_grow(struct buf *b, const void *p, size_t n);
 /* Appends n bytes; returns -1 (and appends nothing) if the result would exceed max. Inline because the writers
