@@ -40,6 +40,7 @@
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <openssl/sha.h>
@@ -768,6 +769,17 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
     if (!head)
         return; /* armed again by the next write */
     int64_t age = mono_ms() - head->sent_at;
+    if (age >= st->cfg->redis_timeout_ms && writable(st) && sdslen(st->ac->c.obuf) > 0) {
+        /* The loop was too busy to even send the commands (they are still in hiredis' output buffer): Redis
+         * cannot be blamed. Send them and give the oldest a full timeout from now. */
+        redisAsyncHandleWrite(st->ac); /* a failure drops the connection: nothing is left in sent */
+        struct op *oldest = TAILQ_FIRST(&st->sent);
+        if (oldest) {
+            oldest->sent_at = mono_ms();
+            check_arm(st, st->cfg->redis_timeout_ms);
+        }
+        return;
+    }
     if (age >= st->cfg->redis_timeout_ms && writable(st)) {
         /* The loop may have been busy with other work while the replies arrived: read what is there before
          * judging (libevent may run this timer before the socket's read event in the same iteration). */

@@ -19,7 +19,7 @@ from conftest import llm_answer, unique, wait_for
 
 FAKELLM_ARGS = ("--latency-ms", "50", "--jitter-ms", "50")
 N = 8192
-REDIS_TIMEOUT_MS = 400
+REDIS_TIMEOUT_MS = 1000
 DROP = "dropping the connection"
 
 
