@@ -1,6 +1,7 @@
 /* chat.c - see chat.h. */
 #include "llm/chat.h"
 
+#include "core/jsonr.h"
 #include "core/util.h"
 
 #include <jansson.h>
@@ -65,7 +66,7 @@ int chat_parse_response(const char *body, size_t len, struct chat_result *out, c
 {
     memset(out, 0, sizeof *out);
     json_error_t jerr;
-    json_t *root = json_loadb(body, len, 0, &jerr);
+    json_t *root = jsonr_loadb(body, len, &jerr);
     if (!root || !json_is_object(root)) {
         snprintf(err, errlen, "the LLM answered something that is not a JSON object");
         json_decref(root);
@@ -110,7 +111,7 @@ int chat_stream_chunk(struct chat_result *r, const char *data, size_t len, const
     *delta_len = 0;
     if (len == 6 && memcmp(data, "[DONE]", 6) == 0)
         return 1;
-    json_t *root = json_loadb(data, len, 0, NULL);
+    json_t *root = jsonr_loadb(data, len, NULL);
     if (!json_is_object(root)) {
         snprintf(err, errlen, "the LLM streamed something that is not a JSON chunk");
         json_decref(root);
@@ -158,7 +159,7 @@ void chat_result_free(struct chat_result *r)
 
 void chat_error_summary(const char *body, size_t len, char *out, size_t outlen)
 {
-    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *root = jsonr_loadb(body, len, NULL);
     const char *msg = json_string_value(json_object_get(json_object_get(root, "error"), "message"));
     if (msg) {
         snprintf(out, outlen, "%s", msg);

@@ -19,6 +19,7 @@
 #include "worker/worker.h"
 
 #include "core/config.h"
+#include "core/jsonr.h"
 #include "core/log.h"
 #include "core/map.h"
 #include "core/metrics.h"
@@ -48,6 +49,23 @@ enum job_step { STEP_BEGIN, STEP_CALL, STEP_FINISH, STEP_PUBLISH };
 struct part;
 struct keyq;
 
+/* The longest error message kept (the rest is cut, as the 512-byte field it replaces did). */
+#define ERR_MSG_MAX 511
+#define ERR_CODE_MAX 47
+
+/* Streaming state, allocated by the first streamed call of a job. */
+struct job_stream {
+    struct sse sse;   /* the parser of the LLM's answer */
+    struct buf delta; /* text received in the current network read, appended as one event */
+    bool done;        /* the closing [DONE] arrived */
+    bool failed;      /* err says why */
+    char err[ERR_MSG_MAX + 1];
+};
+
+/* A prompt held by the worker. Its memory is counted per in-flight prompt (issue 6): what is only needed on
+ * failure or when streaming is allocated then; the message is kept once, as consumed (for the dead-letter
+ * topic), and read again where its optional fields are needed; the conversation id and the running key live in
+ * the same allocation as the struct (ids[]). */
 struct job {
     struct worker *w;
     struct part *part;                   /* NULL once abandoned */
@@ -56,46 +74,45 @@ struct job {
     struct job *ready_prev, *ready_next; /* on w->ready while J_READY */
     struct job *all_prev, *all_next;     /* on w->jobs always */
     enum job_state state;
-    enum job_step step; /* what the backoff timer resumes */
+    enum job_step step;       /* what the backoff timer resumes */
+    enum turn_status outcome; /* TURN_COMPLETE or TURN_FAILED once known */
+    int ep;                   /* the LLM endpoint reserved with the slot */
+    int drs_pending;          /* delivery reports due */
+    int attempts;             /* LLM calls made */
+    int store_failures;       /* consecutive Redis/Kafka failures, for their backoff */
+    int32_t partition;
     bool abandoned;
     bool has_slot;
-    int ep;          /* the LLM endpoint reserved with the slot */
     bool op_pending; /* a Redis reply is due */
-    int drs_pending; /* delivery reports due */
     bool publish_failed;
-    bool invalid; /* not a usable prompt message: dead-lettered only */
-    int32_t partition;
+    bool invalid;      /* not a usable prompt message: dead-lettered only */
+    bool stream;       /* stream the LLM's answer into the turn's event stream */
+    bool cancelled;    /* a client cancelled the turn while it ran */
+    bool prompt_owned; /* prompt is a copy (its JSON text had escapes), not a pointer into orig_value */
     int64_t offset;
-    char *conv_id;
-    char *prompt;
-    size_t prompt_len;
     long turn;
-    char *orig_value; /* the message as consumed, for the dead-letter topic */
-    size_t orig_len;
-    json_t *msg;      /* the message parsed (its optional fields: input, instructions, model, ...) */
-    bool stream;      /* stream the LLM's answer into the turn's event stream */
-    bool cancelled;   /* a client cancelled the turn while it ran */
-    bool stream_done; /* streaming: the closing [DONE] arrived */
-    bool stream_failed;
-    char run_key[96];   /* "<conversation> <turn>" in w->running while the turn runs, else "" */
-    struct sse sse;     /* streaming: the parser of the LLM's answer */
-    struct buf delta;   /* streaming: text received in the current network read, appended as one event */
-    int attempts;       /* LLM calls made */
-    int store_failures; /* consecutive Redis/Kafka failures, for their backoff */
     int64_t taken_ms;   /* monotonic time the worker took the job */
+    const char *prompt; /* inside orig_value when its text has no escapes, else a copy; not NUL-terminated */
+    size_t prompt_len;
+    char *orig_value; /* the message as consumed, for the dead-letter topic (and its optional fields) */
+    size_t orig_len;
+    char *callback_url; /* the message's callback_url, or NULL */
     char *req_body;
     size_t req_len;
     struct llm_call *call;
     struct event *timer;
-    enum turn_status outcome; /* TURN_COMPLETE or TURN_FAILED once known */
+    struct job_stream *st; /* streaming only */
+    char *err_code;        /* failures only: malloc'd */
+    char *err_msg;
     struct chat_result res;
-    char err_code[48];
-    char err_msg[512];
+    char *conv_id; /* ids, or NULL for a message without a usable one */
+    char *run_key; /* "<conversation> <turn>" in w->running while the turn runs, else "" (after conv_id) */
+    char ids[];
 };
 
 struct keyq {
-    char key[96]; /* "<partition>/<conversation id>" */
     struct job *head, *tail;
+    char key[]; /* "<partition>/<conversation id>" */
 };
 
 struct part {
@@ -142,6 +159,7 @@ struct worker {
 };
 
 static void job_step_run(struct job *job);
+static void job_shrink(struct job *job);
 static void job_done(struct job *job);
 static void job_publish(struct job *job);
 static void job_finish(struct job *job);
@@ -161,7 +179,7 @@ static void job_inactive(struct job *job)
 
 static void job_unrun(struct job *job)
 {
-    if (job->run_key[0]) {
+    if (job->run_key && job->run_key[0]) {
         map_del(job->w->running, job->run_key);
         job->run_key[0] = '\0';
     }
@@ -181,29 +199,47 @@ static void job_free(struct job *job)
         event_free(job->timer);
     if (job->call)
         llm_cancel(job->call);
-    free(job->conv_id);
-    free(job->prompt);
-    free(job->orig_value);
-    free(job->req_body);
-    chat_result_free(&job->res);
-    json_decref(job->msg);
-    sse_free(&job->sse);
-    buf_free(&job->delta);
+    job_shrink(job);
+    free(job->err_code);
+    free(job->err_msg);
     free(job);
+}
+
+static void job_stream_free(struct job *job)
+{
+    if (job->st) {
+        sse_free(&job->st->sse);
+        buf_free(&job->st->delta);
+        free(job->st);
+        job->st = NULL;
+    }
 }
 
 /* Drops the heavy parts of a finished job; the struct stays on its ring until the offsets before it finish. */
 static void job_shrink(struct job *job)
 {
-    free(job->prompt);
+    if (job->prompt_owned)
+        free((char *)job->prompt);
+    job->prompt = NULL;
+    job->prompt_owned = false;
     free(job->orig_value);
+    free(job->callback_url);
     free(job->req_body);
-    job->prompt = job->orig_value = job->req_body = NULL;
+    job->orig_value = job->callback_url = job->req_body = NULL;
     chat_result_free(&job->res);
-    json_decref(job->msg);
-    job->msg = NULL;
-    sse_free(&job->sse);
-    buf_free(&job->delta);
+    job_stream_free(job);
+}
+
+/* Sets the error of a failed job (copies of code and msg, cut as the fixed fields of old were). code and msg
+ * may be the job's own. */
+static void job_set_err(struct job *job, const char *code, const char *msg)
+{
+    char *c = xstrndup(code, strnlen(code, ERR_CODE_MAX));
+    char *m = xstrndup(msg, strnlen(msg, ERR_MSG_MAX));
+    free(job->err_code);
+    free(job->err_msg);
+    job->err_code = c;
+    job->err_msg = m;
 }
 
 /* ---------------------------------------------------------------- partitions and offsets */
@@ -417,9 +453,9 @@ static void json_key_str(struct buf *b, const char *key, const char *s, size_t n
 
 static void json_key_int(struct buf *b, const char *key, long long v)
 {
-    char num[48];
-    int k = snprintf(num, sizeof num, "%s%lld", key, v);
-    buf_append(b, num, (size_t)k);
+    char num[24];
+    buf_append(b, key, strlen(key));
+    buf_append(b, num, fmt_i64(num, v));
 }
 
 /* The response record, written directly (jansson's tree and dump cost 5% of the worker's CPU). */
@@ -442,16 +478,15 @@ static char *response_json(const struct job *job)
     json_key_int(&b, ",\"completed_at\":", (long long)now_ms());
     json_key_int(&b, ",\"attempts\":", job->attempts);
     if (!ok) {
-        json_key_str(&b, ",\"error\":{\"code\":", job->err_code, strlen(job->err_code));
-        json_key_str(&b, ",\"message\":", job->err_msg, strlen(job->err_msg));
+        json_key_str(&b, ",\"error\":{\"code\":", job->err_code, job->err_code ? strlen(job->err_code) : 0);
+        json_key_str(&b, ",\"message\":", job->err_msg, job->err_msg ? strlen(job->err_msg) : 0);
         buf_append(&b, "}", 1);
     }
     char rid[112];
     int k = snprintf(rid, sizeof rid, "resp_%s_%ld", job->conv_id, job->turn);
     json_key_str(&b, ",\"response_id\":", rid, (size_t)k < sizeof rid ? (size_t)k : sizeof rid - 1);
-    json_t *cb = json_object_get(job->msg, "callback_url");
-    if (json_is_string(cb))
-        json_key_str(&b, ",\"callback_url\":", json_string_value(cb), json_string_length(cb));
+    if (job->callback_url)
+        json_key_str(&b, ",\"callback_url\":", job->callback_url, strlen(job->callback_url));
     buf_append(&b, "}", 1);
     return b.data;
 }
@@ -464,8 +499,8 @@ static rd_kafka_headers_t *dlq_headers(const struct job *job)
     snprintf(ts, sizeof ts, "%" PRId64, now_ms());
     snprintf(part, sizeof part, "%" PRId32, job->partition);
     snprintf(off, sizeof off, "%" PRId64, job->offset);
-    rd_kafka_header_add(h, "asyncllm-error-code", -1, job->err_code, -1);
-    rd_kafka_header_add(h, "asyncllm-error-message", -1, job->err_msg, -1);
+    rd_kafka_header_add(h, "asyncllm-error-code", -1, job->err_code ? job->err_code : "", -1);
+    rd_kafka_header_add(h, "asyncllm-error-message", -1, job->err_msg ? job->err_msg : "", -1);
     rd_kafka_header_add(h, "asyncllm-attempts", -1, n, -1);
     rd_kafka_header_add(h, "asyncllm-failed-at", -1, ts, -1);
     rd_kafka_header_add(h, "asyncllm-original-partition", -1, part, -1);
@@ -587,8 +622,7 @@ static void job_finish(struct job *job)
 static void job_fail(struct job *job, const char *code, const char *msg)
 {
     job->outcome = TURN_FAILED;
-    snprintf(job->err_code, sizeof job->err_code, "%s", code);
-    snprintf(job->err_msg, sizeof job->err_msg, "%s", msg);
+    job_set_err(job, code, msg);
     log_warn("conversation %s turn %ld failed after %d attempt(s): %s: %s", job->conv_id ? job->conv_id : "?",
              job->turn, job->attempts, code, msg);
     if (job->invalid)
@@ -612,11 +646,11 @@ static void call_cb(void *arg, const struct llm_response *r)
     hist_observe(&w->llm_latency, (double)r->elapsed_ms / 1000.0);
     char msg[512], detail[300];
     const char *code = NULL;
-    if (job->stream && (job->stream_failed || (r->http_status == 200 && !job->stream_done &&
-                                               !(job->res.finish_reason && job->res.finish_reason[0])))) {
+    if (job->stream && (job->st->failed || (r->http_status == 200 && !job->st->done &&
+                                            !(job->res.finish_reason && job->res.finish_reason[0])))) {
         code = "llm_bad_response";
         snprintf(msg, sizeof msg, "%s",
-                 job->stream_failed ? job->err_msg : "the LLM's stream ended before its last chunk");
+                 job->st->failed ? job->st->err : "the LLM's stream ended before its last chunk");
     } else if (job->stream && r->http_status == 200) {
         job_drop_slot(job);
         job->outcome = TURN_COMPLETE;
@@ -673,18 +707,19 @@ static void call_cb(void *arg, const struct llm_response *r)
 static int stream_event_cb(void *arg, const char *data, size_t len)
 {
     struct job *job = arg;
+    struct job_stream *st = job->st;
     const char *d;
     size_t dl;
-    int rc = chat_stream_chunk(&job->res, data, len, &d, &dl, job->err_msg, sizeof job->err_msg);
+    int rc = chat_stream_chunk(&job->res, data, len, &d, &dl, st->err, sizeof st->err);
     if (rc < 0) {
-        job->stream_failed = true;
+        st->failed = true;
         return -1;
     }
     if (rc == 1)
-        job->stream_done = true;
-    if (dl && buf_append(&job->delta, d, dl)) {
-        snprintf(job->err_msg, sizeof job->err_msg, "the LLM's answer is larger than llm-max-response-bytes");
-        job->stream_failed = true;
+        st->done = true;
+    if (dl && buf_append(&st->delta, d, dl)) {
+        snprintf(st->err, sizeof st->err, "the LLM's answer is larger than llm-max-response-bytes");
+        st->failed = true;
         return -1;
     }
     return 0;
@@ -694,21 +729,22 @@ static int stream_event_cb(void *arg, const char *data, size_t len)
 static int stream_data_cb(void *arg, const char *data, size_t len)
 {
     struct job *job = arg;
-    if (sse_feed(&job->sse, data, len)) {
-        if (!job->stream_failed) {
-            snprintf(job->err_msg, sizeof job->err_msg, "the LLM's stream has a line or event over the size limit");
-            job->stream_failed = true;
+    struct job_stream *st = job->st;
+    if (sse_feed(&st->sse, data, len)) {
+        if (!st->failed) {
+            snprintf(st->err, sizeof st->err, "the LLM's stream has a line or event over the size limit");
+            st->failed = true;
         }
         return -1;
     }
     if (job->res.content_len > (size_t)job->w->cfg->llm_max_response_bytes) {
-        snprintf(job->err_msg, sizeof job->err_msg, "the LLM's answer is larger than llm-max-response-bytes");
-        job->stream_failed = true;
+        snprintf(st->err, sizeof st->err, "the LLM's answer is larger than llm-max-response-bytes");
+        st->failed = true;
         return -1;
     }
-    if (job->delta.len) {
-        store_event(job->w->st, job->conv_id, job->turn, 'd', job->delta.data, job->delta.len);
-        buf_reset(&job->delta);
+    if (st->delta.len) {
+        store_event(job->w->st, job->conv_id, job->turn, 'd', st->delta.data, st->delta.len);
+        buf_reset(&st->delta);
     }
     return 0;
 }
@@ -724,11 +760,10 @@ static void job_call(struct job *job)
         job->call = llm_post(w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, call_cb, job);
         return;
     }
-    job->stream_done = job->stream_failed = false;
-    sse_free(&job->sse);
-    buf_free(&job->delta);
-    sse_init(&job->sse, (size_t)w->cfg->llm_max_response_bytes, stream_event_cb, job);
-    buf_init(&job->delta, (size_t)w->cfg->llm_max_response_bytes);
+    job_stream_free(job); /* a retry starts over */
+    job->st = xcalloc(1, sizeof *job->st);
+    sse_init(&job->st->sse, (size_t)w->cfg->llm_max_response_bytes, stream_event_cb, job);
+    buf_init(&job->st->delta, (size_t)w->cfg->llm_max_response_bytes);
     job->call = llm_post_stream(w->llm, job->ep, "/chat/completions", job->req_body, job->req_len, stream_data_cb,
                                 call_cb, job);
 }
@@ -747,8 +782,7 @@ static void job_take_stored(struct job *job, const struct turn *t)
     job->res.completion_tokens = t->completion_tokens;
     job->res.total_tokens = t->total_tokens;
     job->attempts = (int)t->attempts;
-    snprintf(job->err_code, sizeof job->err_code, "%s", t->error_code ? t->error_code : "");
-    snprintf(job->err_msg, sizeof job->err_msg, "%s", t->error_message ? t->error_message : "");
+    job_set_err(job, t->error_code ? t->error_code : "", t->error_message ? t->error_message : "");
 }
 
 /* Chat messages from a turn's stored input list ([{role, content}], normalised by the API), appended to msgs. */
@@ -784,7 +818,8 @@ static void add_msg(struct chat_msg **msgs, size_t *n, size_t *cap, const char *
 static void job_build_request(struct job *job, const struct conv *conv)
 {
     struct worker *w = job->w;
-    json_t *m = job->msg;
+    /* The message was read once already (on_message), so this gives the same object. */
+    json_t *m = jsonr_loadb(job->orig_value, job->orig_len, NULL);
     size_t n = 0, cap = 16;
     struct chat_msg *msgs = xcalloc(cap, sizeof *msgs);
     json_t *held[64]; /* parsed inputs of earlier turns, alive until the body is built */
@@ -830,6 +865,7 @@ static void job_build_request(struct job *job, const struct conv *conv)
     job->req_body = chat_request_new_opts(model && model[0] ? model : w->cfg->llm_model, &o, msgs, n, &job->req_len);
     for (size_t i = 0; i < nheld; i++)
         json_decref(held[i]);
+    json_decref(m);
     free(msgs);
 }
 
@@ -873,7 +909,11 @@ static void begin_cb(void *arg, int rc, long turn, const struct conv *conv)
         return;
     }
     job->stream = t->stream;
-    snprintf(job->run_key, sizeof job->run_key, "%s %ld", job->conv_id, turn);
+    /* ids[] has room for the key after the conversation id (see on_message) */
+    size_t cl = strlen(job->conv_id);
+    memcpy(job->run_key, job->conv_id, cl);
+    job->run_key[cl] = ' ';
+    fmt_i64(job->run_key + cl + 1, turn);
     if (map_put(w->running, job->run_key, job)) /* the same turn twice at once: keep the newest */
         log_warn("conversation %s turn %ld is running twice", job->conv_id, turn);
     job_build_request(job, conv);
@@ -955,6 +995,18 @@ static void job_done(struct job *job)
 
 /* ---------------------------------------------------------------- consuming */
 
+/* The prompt of a valid message: a pointer into the message text when the string is there as it is (no
+ * escapes: the common case), else a copy. Any place where the bytes match will do: they are the same bytes. */
+static void job_take_prompt(struct job *job, json_t *prompt)
+{
+    const char *v = json_string_value(prompt);
+    size_t n = json_string_length(prompt);
+    const char *at = n ? memmem(job->orig_value, job->orig_len, v, n) : job->orig_value;
+    job->prompt_owned = !at;
+    job->prompt = at ? at : xstrndup(v, n);
+    job->prompt_len = n;
+}
+
 static void on_message(void *ctx, rd_kafka_message_t *m)
 {
     struct worker *w = ctx;
@@ -963,12 +1015,33 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
         rd_kafka_message_destroy(m);
         return; /* a partition we no longer own, or are giving up: not tracked, so never committed */
     }
-    struct job *job = xcalloc(1, sizeof *job);
+    const char *payload = m->payload ? (const char *)m->payload : "";
+    json_t *v = jsonr_loadb(payload, m->len, NULL);
+    const char *cid = json_string_value(json_object_get(v, "conversation_id"));
+    json_t *prompt = json_object_get(v, "prompt");
+    json_t *turn = json_object_get(v, "turn");
+    const char *id = NULL;
+    size_t idl = 0;
+    if (m->key_len > 0 && m->key_len < 65) {
+        id = m->key;
+        idl = m->key_len;
+    } else if (cid) {
+        id = cid;
+        idl = strlen(cid);
+    }
+    /* ids[]: the conversation id, then room for the running key "<id> <turn>" */
+    struct job *job = xcalloc(1, sizeof *job + (id ? 2 * idl + 23 : 0));
+    if (id) {
+        job->conv_id = job->ids;
+        memcpy(job->conv_id, id, idl);
+        job->conv_id[idl] = '\0'; /* calloc'd: run_key starts as "" */
+        job->run_key = job->ids + idl + 1;
+    }
     job->w = w;
     job->part = part;
     job->partition = m->partition;
     job->offset = m->offset;
-    job->orig_value = xstrndup(m->payload ? (const char *)m->payload : "", m->len);
+    job->orig_value = xstrndup(payload, m->len);
     job->orig_len = m->len;
     job->all_next = w->jobs;
     if (w->jobs)
@@ -978,27 +1051,18 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
     part_push(part, job);
     w->buffered++;
 
-    json_t *v = json_loadb(job->orig_value, job->orig_len, 0, NULL);
-    const char *cid = json_string_value(json_object_get(v, "conversation_id"));
-    json_t *prompt = json_object_get(v, "prompt");
-    json_t *turn = json_object_get(v, "turn");
-    if (m->key_len > 0 && m->key_len < 65)
-        job->conv_id = xstrndup(m->key, m->key_len);
-    else if (cid)
-        job->conv_id = xstrdup(cid);
     if (!v || !json_is_object(v) || !json_is_string(prompt) || !job->conv_id ||
         !conv_id_valid(job->conv_id, strlen(job->conv_id))) {
         job->invalid = true;
-        snprintf(job->err_code, sizeof job->err_code, "invalid_message");
-        snprintf(job->err_msg, sizeof job->err_msg,
-                 "not a prompt message: expected JSON {\"conversation_id\", \"prompt\"} keyed by conversation_id");
+        job_set_err(job, "invalid_message",
+                    "not a prompt message: expected JSON {\"conversation_id\", \"prompt\"} keyed by conversation_id");
     } else {
-        job->prompt = xstrndup(json_string_value(prompt), json_string_length(prompt));
-        job->prompt_len = json_string_length(prompt);
+        job_take_prompt(job, prompt);
         job->turn = json_is_integer(turn) && json_integer_value(turn) > 0 ? (long)json_integer_value(turn) : 0;
+        json_t *cb = json_object_get(v, "callback_url");
+        if (json_is_string(cb))
+            job->callback_url = xstrndup(json_string_value(cb), json_string_length(cb));
     }
-    if (!job->invalid)
-        job->msg = json_incref(v);
     json_decref(v);
     rd_kafka_message_destroy(m);
 
@@ -1006,11 +1070,11 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
         job_start(job);
     } else {
         char key[96];
-        snprintf(key, sizeof key, "%" PRId32 "/%s", job->partition, job->conv_id);
+        int kl = snprintf(key, sizeof key, "%" PRId32 "/%s", job->partition, job->conv_id);
         struct keyq *kq = map_get(w->keys, key);
         if (!kq) {
-            kq = xcalloc(1, sizeof *kq);
-            snprintf(kq->key, sizeof kq->key, "%s", key);
+            kq = xcalloc(1, sizeof *kq + (size_t)kl + 1);
+            memcpy(kq->key, key, (size_t)kl + 1);
             map_put(w->keys, kq->key, kq);
         }
         job->kq = kq;
