@@ -62,9 +62,360 @@ char *chat_request_new_opts(const char *model, const struct chat_opts *o, const 
     return b.data;
 }
 
-int chat_parse_response(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)
+/* ---------------------------------------------------------------- reading a chat.completion
+ *
+ * An answer is read once per completion, and building a tree of it (jansson's or jsonr's) was most of the
+ * worker's own work per prompt. skim_* below walks the text once, checks it as jansson would, and takes only
+ * choices[0].message.content, choices[0].finish_reason, model and usage.*_tokens. It handles the common case
+ * and gives up (SKIM_OTHER) on anything it is not sure to read as jansson does: a \u escape, an escaped key,
+ * a number that could overflow, nesting deeper than 64, text that is not an object. parse_tree then reads the
+ * text the old way, so the result never depends on which path read it. */
+
+enum { SKIM_OTHER = -2 };
+
+#define SKIM_COPIES 8
+
+struct skim {
+    const char *p, *end;
+    struct buf str;            /* the last string read with escapes */
+    char *copies[SKIM_COPIES]; /* strings of interest that had escapes, unescaped (freed with the skim) */
+    int ncopies;
+};
+
+/* What one object of interest keeps: its members named as wanted, the last of each (as jansson keeps). */
+struct skim_found {
+    const char *s[3];
+    size_t n[3];
+    bool is_str[3], is_null[3], is_int[3], present[3];
+    long long i[3];
+};
+
+static void skim_ws(struct skim *k)
 {
-    memset(out, 0, sizeof *out);
+    while (k->p < k->end && (*k->p == ' ' || *k->p == '\n' || *k->p == '\r' || *k->p == '\t'))
+        k->p++;
+}
+
+/* A string at k->p (its opening quote). *s, *n: its text, in place, or in k->str when it has escapes (then
+ * valid until the next string read). Returns 0 or SKIM_OTHER. */
+static int skim_string(struct skim *k, const char **s, size_t *n, bool *escaped)
+{
+    const char *start = ++k->p;
+    while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20)
+        k->p++;
+    if (k->p >= k->end || (unsigned char)*k->p < 0x20)
+        return SKIM_OTHER;
+    *escaped = *k->p == '\\';
+    if (!*escaped) {
+        *s = start;
+        *n = (size_t)(k->p - start);
+        k->p++;
+        return utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
+    }
+    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+    buf_reset(&k->str);
+    buf_append(&k->str, start, (size_t)(k->p - start));
+    while (k->p < k->end && *k->p != '"') {
+        const char *run = k->p;
+        while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20)
+            k->p++;
+        buf_append(&k->str, run, (size_t)(k->p - run));
+        if (k->p >= k->end || (unsigned char)*k->p < 0x20)
+            return SKIM_OTHER;
+        if (*k->p == '\\') {
+            const char *e = k->p + 1 < k->end && k->p[1] ? strchr(from, k->p[1]) : NULL;
+            if (!e)
+                return SKIM_OTHER; /* \u and anything invalid: jansson decides */
+            buf_append(&k->str, &to[e - from], 1);
+            k->p += 2;
+        }
+    }
+    if (k->p >= k->end)
+        return SKIM_OTHER;
+    k->p++;
+    *s = k->str.data;
+    *n = k->str.len;
+    return utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
+}
+
+/* A number at k->p, by JSON's grammar. *is_int and *i for an integer (no fraction, no exponent). Numbers that
+ * might overflow (more than 18 digits, a longer real or a 3-digit exponent) are left to jansson. */
+static int skim_number(struct skim *k, bool *is_int, long long *i)
+{
+    const char *q = k->p, *start = k->p;
+    bool neg = false;
+    long long v = 0;
+    int digits = 0;
+    *is_int = true;
+    if (q < k->end && *q == '-') {
+        neg = true;
+        q++;
+    }
+    if (q < k->end && *q == '0') {
+        q++;
+        digits = 1;
+    } else if (q < k->end && *q >= '1' && *q <= '9') {
+        for (; q < k->end && *q >= '0' && *q <= '9'; q++, digits++)
+            if (digits < 18) /* more digits are left to jansson below */
+                v = v * 10 + (*q - '0');
+    } else {
+        return SKIM_OTHER;
+    }
+    if (digits > 18)
+        return SKIM_OTHER;
+    if (q < k->end && *q == '.') {
+        *is_int = false;
+        if (++q >= k->end || *q < '0' || *q > '9')
+            return SKIM_OTHER;
+        while (q < k->end && *q >= '0' && *q <= '9')
+            q++;
+    }
+    if (q < k->end && (*q == 'e' || *q == 'E')) {
+        *is_int = false;
+        q++;
+        if (q < k->end && (*q == '+' || *q == '-'))
+            q++;
+        const char *ed = q;
+        while (q < k->end && *q >= '0' && *q <= '9')
+            q++;
+        if (q == ed || q - ed > 2)
+            return SKIM_OTHER;
+    }
+    if (q - start > 40 || (q < k->end && (*q == '.' || *q == 'e' || *q == 'E' || (*q >= '0' && *q <= '9'))))
+        return SKIM_OTHER;
+    k->p = q;
+    *i = neg ? -v : v;
+    return 0;
+}
+
+enum skim_role { SK_NONE, SK_ROOT, SK_CHOICES, SK_CHOICE, SK_MESSAGE, SK_USAGE };
+
+struct skim_out {
+    struct skim_found root, choice, message, usage; /* root: model; choice: message (seen), finish_reason */
+    bool has_choice;                                /* choices is an array with an element */
+    bool choice_obj, message_obj, usage_obj;
+};
+
+static int skim_value(struct skim *k, int depth, enum skim_role role, struct skim_out *o, struct skim_found *f,
+                      int slot);
+
+static const char *const wanted[][3] = {
+    [SK_ROOT] = {"model", "choices", "usage"},
+    [SK_CHOICE] = {"message", "finish_reason", NULL},
+    [SK_MESSAGE] = {"content", NULL, NULL},
+    [SK_USAGE] = {"prompt_tokens", "completion_tokens", "total_tokens"},
+};
+
+/* The role of the member at slot of an object of role r. */
+static enum skim_role member_role(enum skim_role r, int slot)
+{
+    if (r == SK_ROOT)
+        return slot == 1 ? SK_CHOICES : slot == 2 ? SK_USAGE : SK_NONE;
+    if (r == SK_CHOICE)
+        return slot == 0 ? SK_MESSAGE : SK_NONE;
+    return SK_NONE;
+}
+
+static struct skim_found *found_of(struct skim_out *o, enum skim_role r)
+{
+    return r == SK_ROOT ? &o->root : r == SK_CHOICE ? &o->choice : r == SK_MESSAGE ? &o->message : &o->usage;
+}
+
+static int skim_object(struct skim *k, int depth, enum skim_role r, struct skim_out *o)
+{
+    struct skim_found *mine = r == SK_NONE || r == SK_CHOICES ? NULL : found_of(o, r);
+    if (mine)
+        memset(mine, 0, sizeof *mine); /* a repeated member: the last one counts, whole */
+    k->p++;
+    skim_ws(k);
+    if (k->p < k->end && *k->p == '}') {
+        k->p++;
+        return 0;
+    }
+    for (;;) {
+        if (k->p >= k->end || *k->p != '"')
+            return SKIM_OTHER;
+        const char *key;
+        size_t kl;
+        bool esc;
+        if (skim_string(k, &key, &kl, &esc))
+            return SKIM_OTHER;
+        int slot = -1;
+        if (mine) {
+            if (esc)
+                return SKIM_OTHER; /* a key with escapes might be one we want */
+            for (int i = 0; i < 3 && wanted[r][i]; i++)
+                if (strlen(wanted[r][i]) == kl && memcmp(wanted[r][i], key, kl) == 0)
+                    slot = i;
+        }
+        skim_ws(k);
+        if (k->p >= k->end || *k->p != ':')
+            return SKIM_OTHER;
+        k->p++;
+        int rc = skim_value(k, depth + 1, slot >= 0 ? member_role(r, slot) : SK_NONE, o, slot >= 0 ? mine : NULL, slot);
+        if (rc)
+            return rc;
+        skim_ws(k);
+        if (k->p < k->end && *k->p == '}') {
+            k->p++;
+            return 0;
+        }
+        if (k->p >= k->end || *k->p != ',')
+            return SKIM_OTHER;
+        k->p++;
+        skim_ws(k);
+    }
+}
+
+static int skim_array(struct skim *k, int depth, enum skim_role r, struct skim_out *o)
+{
+    k->p++;
+    skim_ws(k);
+    if (k->p < k->end && *k->p == ']') {
+        k->p++;
+        return 0;
+    }
+    for (int idx = 0;; idx++) {
+        int rc = skim_value(k, depth + 1, r == SK_CHOICES && idx == 0 ? SK_CHOICE : SK_NONE, o, NULL, -1);
+        if (rc)
+            return rc;
+        if (r == SK_CHOICES && idx == 0)
+            o->has_choice = true;
+        skim_ws(k);
+        if (k->p < k->end && *k->p == ']') {
+            k->p++;
+            return 0;
+        }
+        if (k->p >= k->end || *k->p != ',')
+            return SKIM_OTHER;
+        k->p++;
+    }
+}
+
+static bool skim_literal(struct skim *k, const char *word, size_t n)
+{
+    if ((size_t)(k->end - k->p) < n || memcmp(k->p, word, n) != 0)
+        return false;
+    k->p += n;
+    return true;
+}
+
+/* A value at k->p (after white space). role: what it is to the answer; f and slot: where a member of an
+ * object of interest is noted (its type, and its text or integer). */
+static int skim_value(struct skim *k, int depth, enum skim_role role, struct skim_out *o, struct skim_found *f,
+                      int slot)
+{
+    if (depth > 64)
+        return SKIM_OTHER;
+    skim_ws(k);
+    if (k->p >= k->end)
+        return SKIM_OTHER;
+    if (f) {
+        f->present[slot] = true;
+        f->is_str[slot] = f->is_null[slot] = f->is_int[slot] = false;
+    }
+    /* a member of interest that is not an object (or array) resets what an earlier one of that name gave */
+    if (role == SK_CHOICES)
+        o->has_choice = o->choice_obj = o->message_obj = false;
+    if (role == SK_CHOICE)
+        o->choice_obj = o->message_obj = false;
+    if (role == SK_MESSAGE)
+        o->message_obj = false;
+    if (role == SK_USAGE)
+        o->usage_obj = false;
+    const char *s;
+    size_t n;
+    bool esc, is_int;
+    long long i;
+    int rc;
+    switch (*k->p) {
+    case '{':
+        rc = skim_object(k, depth, role == SK_CHOICES ? SK_NONE : role, o);
+        if (!rc && role == SK_CHOICE)
+            o->choice_obj = true;
+        if (!rc && role == SK_MESSAGE)
+            o->message_obj = true;
+        if (!rc && role == SK_USAGE)
+            o->usage_obj = true;
+        return rc;
+    case '[':
+        return skim_array(k, depth, role == SK_CHOICES ? SK_CHOICES : SK_NONE, o);
+    case '"':
+        rc = skim_string(k, &s, &n, &esc);
+        if (!rc && f) {
+            if (esc) { /* k->str is reused by the next string: keep a copy of this one */
+                if (k->ncopies == SKIM_COPIES)
+                    return SKIM_OTHER;
+                s = k->copies[k->ncopies++] = xstrndup(s, n);
+            }
+            f->s[slot] = s;
+            f->n[slot] = n;
+            f->is_str[slot] = true;
+        }
+        return rc;
+    case 't':
+        return skim_literal(k, "true", 4) ? 0 : SKIM_OTHER;
+    case 'f':
+        return skim_literal(k, "false", 5) ? 0 : SKIM_OTHER;
+    case 'n':
+        if (!skim_literal(k, "null", 4))
+            return SKIM_OTHER;
+        if (f)
+            f->is_null[slot] = true;
+        return 0;
+    default:
+        rc = skim_number(k, &is_int, &i);
+        if (!rc && f && is_int) {
+            f->is_int[slot] = true;
+            f->i[slot] = i;
+        }
+        return rc;
+    }
+}
+
+/* 0 read, -1 not an answer (err set), SKIM_OTHER: read it with parse_tree. */
+static int parse_skim(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)
+{
+    struct skim k = {body, body + len, {0}, {0}, 0};
+    struct skim_out o;
+    memset(&o, 0, sizeof o);
+    skim_ws(&k);
+    if (k.p >= k.end || *k.p != '{')
+        return SKIM_OTHER;
+    buf_init(&k.str, len + 1); /* unescaping only shortens a string */
+    int rc = skim_value(&k, 1, SK_ROOT, &o, NULL, -1);
+    skim_ws(&k);
+    if (rc || k.p != k.end) {
+        rc = SKIM_OTHER;
+        goto done;
+    }
+    struct skim_found *m = &o.message, *c = &o.choice, *u = &o.usage;
+    bool has_content = o.has_choice && o.choice_obj && o.message_obj && (m->is_str[0] || m->is_null[0]);
+    if (!has_content) {
+        snprintf(err, errlen, "the LLM's answer has no choices[0].message.content");
+        rc = -1;
+        goto done;
+    }
+    out->content_len = m->is_str[0] ? m->n[0] : 0;
+    out->content = xstrndup(m->is_str[0] ? m->s[0] : "", out->content_len);
+    out->finish_reason = xstrndup(c->is_str[1] ? c->s[1] : "", c->is_str[1] ? c->n[1] : 0);
+    out->model = xstrndup(o.root.is_str[0] ? o.root.s[0] : "", o.root.is_str[0] ? o.root.n[0] : 0);
+    if (o.usage_obj) {
+        out->prompt_tokens = u->is_int[0] ? (long)u->i[0] : 0;
+        out->completion_tokens = u->is_int[1] ? (long)u->i[1] : 0;
+        out->total_tokens = u->is_int[2] ? (long)u->i[2] : 0;
+    }
+    if (out->total_tokens == 0)
+        out->total_tokens = out->prompt_tokens + out->completion_tokens;
+done:
+    buf_free(&k.str);
+    for (int i = 0; i < k.ncopies; i++)
+        free(k.copies[i]);
+    return rc;
+}
+
+static int parse_tree(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)
+{
     json_error_t jerr;
     json_t *root = jsonr_loadb(body, len, &jerr);
     if (!root || !json_is_object(root)) {
@@ -94,6 +445,13 @@ int chat_parse_response(const char *body, size_t len, struct chat_result *out, c
         out->total_tokens = out->prompt_tokens + out->completion_tokens;
     json_decref(root);
     return 0;
+}
+
+int chat_parse_response(const char *body, size_t len, struct chat_result *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    int rc = parse_skim(body, len, out, err, errlen);
+    return rc == SKIM_OTHER ? parse_tree(body, len, out, err, errlen) : rc;
 }
 
 static void set_str(char **dst, const char *v)

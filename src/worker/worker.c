@@ -89,6 +89,7 @@ struct job {
     bool stream;       /* stream the LLM's answer into the turn's event stream */
     bool cancelled;    /* a client cancelled the turn while it ran */
     bool prompt_owned; /* prompt is a copy (its JSON text had escapes), not a pointer into orig_value */
+    bool has_opts;     /* the message has members beyond conversation_id, prompt, turn and callback_url */
     int64_t offset;
     long turn;
     int64_t taken_ms;   /* monotonic time the worker took the job */
@@ -818,8 +819,9 @@ static void add_msg(struct chat_msg **msgs, size_t *n, size_t *cap, const char *
 static void job_build_request(struct job *job, const struct conv *conv)
 {
     struct worker *w = job->w;
-    /* The message was read once already (on_message), so this gives the same object. */
-    json_t *m = jsonr_loadb(job->orig_value, job->orig_len, NULL);
+    /* The message was read once already (on_message), so this gives the same object; without optional
+     * members (the common case) there is nothing to read. */
+    json_t *m = job->has_opts ? jsonr_loadb(job->orig_value, job->orig_len, NULL) : NULL;
     size_t n = 0, cap = 16;
     struct chat_msg *msgs = xcalloc(cap, sizeof *msgs);
     json_t *held[64]; /* parsed inputs of earlier turns, alive until the body is built */
@@ -1062,6 +1064,8 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
         json_t *cb = json_object_get(v, "callback_url");
         if (json_is_string(cb))
             job->callback_url = xstrndup(json_string_value(cb), json_string_length(cb));
+        size_t known = 1 + (cid != NULL) + (turn != NULL) + (cb != NULL);
+        job->has_opts = json_object_size(v) > known;
     }
     json_decref(v);
     rd_kafka_message_destroy(m);

@@ -137,12 +137,131 @@ static void test_retry_after(void **state)
     assert_int_equal(llm_parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", "", now), 0); /* in the past */
 }
 
+/* chat_parse_response as it was: a jansson tree of the whole answer. The reader must give the same result. */
+static int ref_parse(const char *body, size_t len, struct chat_result *out)
+{
+    memset(out, 0, sizeof *out);
+    json_t *root = json_loadb(body, len, 0, NULL);
+    if (!root || !json_is_object(root)) {
+        json_decref(root);
+        return -1;
+    }
+    json_t *choice = json_array_get(json_object_get(root, "choices"), 0);
+    json_t *content = json_object_get(json_object_get(choice, "message"), "content");
+    if (!choice || !(json_is_string(content) || json_is_null(content))) {
+        json_decref(root);
+        return -2;
+    }
+    out->content_len = json_is_string(content) ? json_string_length(content) : 0;
+    out->content = strndup(json_is_string(content) ? json_string_value(content) : "", out->content_len);
+    const char *fr = json_string_value(json_object_get(choice, "finish_reason"));
+    out->finish_reason = strdup(fr ? fr : "");
+    const char *model = json_string_value(json_object_get(root, "model"));
+    out->model = strdup(model ? model : "");
+    json_t *usage = json_object_get(root, "usage");
+    out->prompt_tokens = (long)json_integer_value(json_object_get(usage, "prompt_tokens"));
+    out->completion_tokens = (long)json_integer_value(json_object_get(usage, "completion_tokens"));
+    out->total_tokens = (long)json_integer_value(json_object_get(usage, "total_tokens"));
+    if (out->total_tokens == 0)
+        out->total_tokens = out->prompt_tokens + out->completion_tokens;
+    json_decref(root);
+    return 0;
+}
+
+static void check_same_parse(const char *b, size_t len)
+{
+    struct chat_result r, want;
+    char err[128];
+    int rc = chat_parse_response(b, len, &r, err, sizeof err);
+    int wrc = ref_parse(b, len, &want);
+    if ((rc == 0) != (wrc == 0))
+        fail_msg("%.*s: %d, want %d", (int)len, b, rc, wrc);
+    if (rc == 0) {
+        if (r.content_len != want.content_len || memcmp(r.content, want.content, r.content_len) ||
+            strcmp(r.finish_reason, want.finish_reason) || strcmp(r.model, want.model) ||
+            r.prompt_tokens != want.prompt_tokens || r.completion_tokens != want.completion_tokens ||
+            r.total_tokens != want.total_tokens)
+            fail_msg("%.*s: a different result", (int)len, b);
+    } else {
+        /* the two errors: not an object, or no content */
+        assert_string_equal(err, wrc == -1 ? "the LLM answered something that is not a JSON object"
+                                           : "the LLM's answer has no choices[0].message.content");
+    }
+    chat_result_free(&r);
+    chat_result_free(&want);
+}
+
+static void test_parse_same_as_jansson(void **state)
+{
+    (void)state;
+    const char *cases[] = {
+        "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"created\":1795782695,\"model\":\"fake\",\"choices\":"
+        "[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"echo: hi [messages=1]\",\"refusal\":null},"
+        "\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":3,"
+        "\"total_tokens\":4}}",
+        " {\"choices\":[{\"message\":{\"content\":\"a\\nb\\\"c\\\\d\\/e\\tf\"}}],\"model\":\"m\\u00e9\"} ",
+        "{\"choices\":[{\"message\":{\"content\":\"caf\xc3\xa9 \\u00e9 \\ud83d\\ude00\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":null},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":2.0,"
+        "\"completion_tokens\":-3,\"total_tokens\":0}}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"choices\":[]}",
+        "{\"choices\":[],\"choices\":[{\"message\":{\"content\":\"x\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"},\"message\":5}]}",
+        "{\"choices\":[{\"message\":5,\"message\":{\"content\":\"y\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\",\"content\":[1]}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"total_tokens\":9},\"usage\":{\"prompt_tokens\":"
+        "1}}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"total_tokens\":9},\"usage\":[]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"model\":\"a\",\"model\":7}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"m\\u006fdel\":\"esc\"}",
+        "{\"choices\":[[{\"message\":{\"content\":\"x\"}}]]}",
+        "{\"choices\":{\"0\":{\"message\":{\"content\":\"x\"}}}}",
+        "{\"choices\":[5,{\"message\":{\"content\":\"x\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}},{\"message\":{\"content\":\"y\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":123456789012345678901}}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":9223372036854775807}}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"n\":1e999}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"n\":1e-999}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"n\":[1.5e10,-0,0.25,true,false,null,{}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}]} x",
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],}",
+        "{\"choices\":[{\"message\":{\"content\":\"x\\u0000\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"\xff\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"\"}}],\"model\":\"\"}",
+        "{\"a\":01}",
+        "[{\"choices\":[{\"message\":{\"content\":\"x\"}}]}]",
+        "\"x\"",
+        "",
+        "{}",
+        "{\"error\":{\"message\":\"nope\"}}",
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        check_same_parse(cases[i], strlen(cases[i]));
+    /* every prefix of the first answer, and random byte changes in it */
+    const char *a = cases[0];
+    size_t n = strlen(a);
+    for (size_t i = 0; i <= n; i++)
+        check_same_parse(a, i);
+    char m[512];
+    static const char bytes[] = "{}[]\",:\\0123456789.eE-+ tnfulx\x01\xc3";
+    srand(7);
+    for (int i = 0; i < 20000; i++) {
+        memcpy(m, a, n);
+        for (int k = rand() % 3; k >= 0; k--)
+            m[rand() % n] = bytes[rand() % (sizeof bytes - 1)];
+        check_same_parse(m, n);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_request),       cmocka_unit_test(test_request_same_as_jansson),
-        cmocka_unit_test(test_parse_ok),      cmocka_unit_test(test_parse_bad),
-        cmocka_unit_test(test_error_summary), cmocka_unit_test(test_retry_after),
+        cmocka_unit_test(test_request),
+        cmocka_unit_test(test_request_same_as_jansson),
+        cmocka_unit_test(test_parse_ok),
+        cmocka_unit_test(test_parse_bad),
+        cmocka_unit_test(test_error_summary),
+        cmocka_unit_test(test_retry_after),
+        cmocka_unit_test(test_parse_same_as_jansson),
     };
     return cmocka_run_group_tests_name("llm", tests, NULL, NULL);
 }
