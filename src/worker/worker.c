@@ -35,6 +35,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/http.h>
+#include <assert.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdlib.h>
@@ -483,9 +484,15 @@ static char *response_json(const struct job *job)
         json_key_str(&b, ",\"message\":", job->err_msg, job->err_msg ? strlen(job->err_msg) : 0);
         buf_append(&b, "}", 1);
     }
-    char rid[112];
-    int k = snprintf(rid, sizeof rid, "resp_%s_%ld", job->conv_id, job->turn);
-    json_key_str(&b, ",\"response_id\":", rid, (size_t)k < sizeof rid ? (size_t)k : sizeof rid - 1);
+    /* "resp_<conversation>_<turn>"; an id has at most 64 characters (conv_id_valid) */
+    char rid[5 + 64 + 1 + 21];
+    size_t cl = strlen(job->conv_id), k = 5 + cl + 1;
+    assert(cl <= 64);
+    memcpy(rid, "resp_", 5);
+    memcpy(rid + 5, job->conv_id, cl);
+    rid[5 + cl] = '_';
+    k += fmt_i64(rid + k, job->turn);
+    json_key_str(&b, ",\"response_id\":", rid, k);
     if (job->callback_url)
         json_key_str(&b, ",\"callback_url\":", job->callback_url, strlen(job->callback_url));
     buf_append(&b, "}", 1);
@@ -1073,12 +1080,16 @@ static void on_message(void *ctx, rd_kafka_message_t *m)
     if (job->invalid) {
         job_start(job);
     } else {
-        char key[96];
-        int kl = snprintf(key, sizeof key, "%" PRId32 "/%s", job->partition, job->conv_id);
+        char key[12 + 64 + 1]; /* "<partition>/<conversation id>" */
+        size_t cl = strlen(job->conv_id), kl = fmt_i64(key, job->partition);
+        assert(cl <= 64);
+        key[kl++] = '/';
+        memcpy(key + kl, job->conv_id, cl + 1);
+        kl += cl;
         struct keyq *kq = map_get(w->keys, key);
         if (!kq) {
-            kq = xcalloc(1, sizeof *kq + (size_t)kl + 1);
-            memcpy(kq->key, key, (size_t)kl + 1);
+            kq = xcalloc(1, sizeof *kq + kl + 1);
+            memcpy(kq->key, key, kl + 1);
             map_put(w->keys, kq->key, kq);
         }
         job->kq = kq;
