@@ -101,6 +101,11 @@ static void skim_ws(struct skim *k)
 static int skim_string(struct skim *k, const char **s, size_t *n, bool *escaped)
 {
     const char *start = ++k->p;
+    /* ASCII text needs no UTF-8 check: most of an answer's strings */
+    while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20 &&
+           (unsigned char)*k->p < 0x80)
+        k->p++;
+    bool ascii = k->p >= k->end || (unsigned char)*k->p < 0x80;
     while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20)
         k->p++;
     if (k->p >= k->end || (unsigned char)*k->p < 0x20)
@@ -110,7 +115,7 @@ static int skim_string(struct skim *k, const char **s, size_t *n, bool *escaped)
         *s = start;
         *n = (size_t)(k->p - start);
         k->p++;
-        return utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
+        return ascii || utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
     }
     static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
     buf_reset(&k->str);
@@ -245,7 +250,7 @@ static int skim_object(struct skim *k, int depth, enum skim_role r, struct skim_
             if (esc)
                 return SKIM_OTHER; /* a key with escapes might be one we want */
             for (int i = 0; i < 3 && wanted[r][i]; i++)
-                if (strlen(wanted[r][i]) == kl && memcmp(wanted[r][i], key, kl) == 0)
+                if (kl && key[0] == wanted[r][i][0] && strlen(wanted[r][i]) == kl && memcmp(wanted[r][i], key, kl) == 0)
                     slot = i;
         }
         skim_ws(k);
