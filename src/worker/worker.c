@@ -202,8 +202,6 @@ static void job_free(struct job *job)
     if (job->call)
         llm_cancel(job->call);
     job_shrink(job);
-    free(job->err_code);
-    free(job->err_msg);
     free(job);
 }
 
@@ -230,6 +228,9 @@ static void job_shrink(struct job *job)
     job->orig_value = job->callback_url = job->req_body = NULL;
     chat_result_free(&job->res);
     job_stream_free(job);
+    free(job->err_code);
+    free(job->err_msg);
+    job->err_code = job->err_msg = NULL;
 }
 
 /* Sets the error of a failed job (copies of code and msg, cut as the fixed fields of old were). code and msg
