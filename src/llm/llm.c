@@ -354,7 +354,7 @@ struct llm_call *llm_post(struct llm *llm, int epi, const char *path, const char
 /* Creates, configures and starts a call; the caller then sets what differs. */
 static struct llm_call *call_start(struct llm *llm, const char *url, const struct curl_slist *headers, const char *body,
                                    size_t len, long timeout_ms, llm_data_cb *on_data, llm_cb *cb, void *arg,
-                                   bool block_private)
+                                   bool block_private, bool copy_body)
 {
     struct llm_call *call = xcalloc(1, sizeof *call);
     call->llm = llm;
@@ -378,7 +378,8 @@ static struct llm_call *call_start(struct llm *llm, const char *url, const struc
     curl_easy_setopt(eh, CURLOPT_URL, url);
     curl_easy_setopt(eh, CURLOPT_HTTPHEADER, call->headers ? call->headers : llm->headers);
     curl_easy_setopt(eh, CURLOPT_POSTFIELDSIZE, (long)len);
-    curl_easy_setopt(eh, CURLOPT_COPYPOSTFIELDS, body);
+    /* The worker keeps its request body until the call ends (for retries), so curl need not copy it. */
+    curl_easy_setopt(eh, copy_body ? CURLOPT_COPYPOSTFIELDS : CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(eh, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(eh, CURLOPT_WRITEDATA, call);
     curl_easy_setopt(eh, CURLOPT_HEADERFUNCTION, header_cb);
@@ -422,14 +423,15 @@ struct llm_call *llm_post_stream(struct llm *llm, int epi, const char *path, con
     char url[2048];
     struct endpoint *ep = &llm->ep[epi >= 0 && epi < llm->nep ? epi : 0];
     snprintf(url, sizeof url, "%s%s", ep->base, path);
-    struct llm_call *call = call_start(llm, url, NULL, body, len, llm->cfg->llm_timeout_ms, on_data, cb, arg, false);
+    struct llm_call *call =
+        call_start(llm, url, NULL, body, len, llm->cfg->llm_timeout_ms, on_data, cb, arg, false, false);
     call->ep = ep;
     return call;
 }
 
 struct llm_call *llm_request(struct llm *llm, const struct llm_req *r, llm_cb *cb, void *arg)
 {
-    return call_start(llm, r->url, r->headers, r->body, r->len, r->timeout_ms, NULL, cb, arg, r->block_private);
+    return call_start(llm, r->url, r->headers, r->body, r->len, r->timeout_ms, NULL, cb, arg, r->block_private, true);
 }
 
 void llm_cancel(struct llm_call *call)

@@ -44,8 +44,8 @@ void llm_free(struct llm *llm);
  * or -1 if all are full. The reservation is held until llm_release(), across any number of calls. */
 int llm_reserve(struct llm *llm);
 void llm_release(struct llm *llm, int ep);
-/* POSTs body (copied) as JSON to {base of endpoint ep}{path}. Returns a handle valid until the callback runs or
- * the call is cancelled. Never NULL. */
+/* POSTs body as JSON to {base of endpoint ep}{path}. body is not copied: it must stay valid and unchanged until
+ * the callback runs or the call is cancelled. Returns a handle valid until then. Never NULL. */
 struct llm_call *llm_post(struct llm *llm, int ep, const char *path, const char *body, size_t len, llm_cb *cb,
                           void *arg);
 /* Like llm_post, but a 2xx body goes to on_data as it arrives. */

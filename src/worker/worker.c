@@ -1320,6 +1320,7 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
         return;
     }
     struct evbuffer *out = evbuffer_new();
+    store_metrics(w->st, out);
     metric_gauge(out, "asyncllm_worker_in_flight", "LLM calls in flight", (double)w->in_flight);
     metric_gauge(out, "asyncllm_worker_buffered",
                  "prompts held in memory (running, waiting or finished behind "
