@@ -68,76 +68,89 @@ static void put_utf8(struct buf *b, unsigned cp)
     buf_append(b, u, n);
 }
 
-/* One escape at r->p (just past the backslash) into r->tmp; false for what jansson rejects (or we leave to
- * it): unknown escapes, \u0000, a lone or misordered surrogate. */
-static bool read_escape(struct reader *r)
+/* One escape at *pp (just past the backslash) into tmp; false for what jansson rejects (or we leave to it):
+ * unknown escapes, \u0000, a lone or misordered surrogate. */
+static bool read_escape(const char **pp, const char *end, struct buf *tmp)
 {
     static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
-    if (r->p >= r->end)
+    const char *p = *pp;
+    if (p >= end)
         return false;
-    const char *e = strchr(from, *r->p);
-    if (*r->p != 'u') {
-        if (!e || !*r->p)
+    const char *e = strchr(from, *p);
+    if (*p != 'u') {
+        if (!e || !*p)
             return false;
-        buf_append(&r->tmp, &to[e - from], 1);
-        r->p++;
+        buf_append(tmp, &to[e - from], 1);
+        *pp = p + 1;
         return true;
     }
-    if (r->end - r->p < 5)
+    if (end - p < 5)
         return false;
-    int cp = hex4(r->p + 1);
-    r->p += 5;
+    int cp = hex4(p + 1);
+    p += 5;
     if (cp <= 0 || (cp >= 0xDC00 && cp <= 0xDFFF))
         return false;
     if (cp >= 0xD800 && cp <= 0xDBFF) { /* a high surrogate: its low one must follow */
-        if (r->end - r->p < 6 || r->p[0] != '\\' || r->p[1] != 'u')
+        if (end - p < 6 || p[0] != '\\' || p[1] != 'u')
             return false;
-        int lo = hex4(r->p + 2);
+        int lo = hex4(p + 2);
         if (lo < 0xDC00 || lo > 0xDFFF)
             return false;
-        r->p += 6;
+        p += 6;
         cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
     }
-    put_utf8(&r->tmp, (unsigned)cp);
+    put_utf8(tmp, (unsigned)cp);
+    *pp = p;
     return true;
+}
+
+bool jsonr_string(const char **pp, const char *end, struct buf *tmp, const char **s, size_t *n, bool *escaped)
+{
+    const char *p = *pp, *start = p;
+    /* ASCII text needs no UTF-8 check: most strings */
+    while (p < end && *p != '"' && *p != '\\' && (unsigned char)*p >= 0x20 && (unsigned char)*p < 0x80)
+        p++;
+    bool ascii = p >= end || (unsigned char)*p < 0x80;
+    while (p < end && *p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
+        p++;
+    if (p >= end || (unsigned char)*p < 0x20)
+        return false;
+    *escaped = *p == '\\';
+    if (!*escaped) { /* the common case: the text in place */
+        *s = start;
+        *n = (size_t)(p - start);
+        *pp = p + 1;
+        return ascii || utf8_valid(*s, *n);
+    }
+    buf_reset(tmp);
+    buf_append(tmp, start, (size_t)(p - start));
+    while (p < end && *p != '"') {
+        const char *run = p;
+        while (p < end && *p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
+            p++;
+        buf_append(tmp, run, (size_t)(p - run));
+        if (p >= end || (unsigned char)*p < 0x20)
+            return false;
+        if (*p == '\\') {
+            p++;
+            if (!read_escape(&p, end, tmp))
+                return false;
+        }
+    }
+    if (p >= end)
+        return false;
+    *pp = p + 1;
+    *s = tmp->data;
+    *n = tmp->len;
+    return utf8_valid(*s, *n);
 }
 
 /* A string at r->p (just past its opening quote): *s and *n point at its text, in place when it has no escapes,
  * else in r->tmp (valid until the next string). */
 static bool read_string(struct reader *r, const char **s, size_t *n)
 {
-    const char *start = r->p;
-    while (r->p < r->end && *r->p != '"' && *r->p != '\\' && (unsigned char)*r->p >= 0x20)
-        r->p++;
-    if (r->p >= r->end || (unsigned char)*r->p < 0x20)
-        return false;
-    if (*r->p == '"') { /* the common case: no escapes */
-        *s = start;
-        *n = (size_t)(r->p - start);
-        r->p++;
-        return utf8_valid(*s, *n);
-    }
-    buf_reset(&r->tmp);
-    buf_append(&r->tmp, start, (size_t)(r->p - start));
-    while (r->p < r->end && *r->p != '"') {
-        const char *run = r->p;
-        while (r->p < r->end && *r->p != '"' && *r->p != '\\' && (unsigned char)*r->p >= 0x20)
-            r->p++;
-        buf_append(&r->tmp, run, (size_t)(r->p - run));
-        if (r->p >= r->end || (unsigned char)*r->p < 0x20)
-            return false;
-        if (*r->p == '\\') {
-            r->p++;
-            if (!read_escape(r))
-                return false;
-        }
-    }
-    if (r->p >= r->end)
-        return false;
-    r->p++;
-    *s = r->tmp.data;
-    *n = r->tmp.len;
-    return utf8_valid(*s, *n);
+    bool escaped;
+    return jsonr_string(&r->p, r->end, &r->tmp, s, n, &escaped);
 }
 
 /* A number as JSON's grammar has it; an integer unless it has a fraction or an exponent, like jansson. */

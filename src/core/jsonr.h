@@ -10,9 +10,18 @@
 #define ASYNCLLM_JSONR_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 /* Like json_loadb(s, len, 0, err): a new reference, or NULL with err (if not NULL) filled by jansson. */
 json_t *jsonr_loadb(const char *s, size_t len, json_error_t *err);
+
+struct buf;
+/* One JSON string, checked and unescaped exactly as jansson does, for readers of their own (chat.c). *pp is just
+ * past its opening quote, and on success just past its closing one. *s, *n: its text, in place when it has no
+ * escapes, else in tmp (valid until tmp's next use); *escaped says which. false for what json_loadb rejects or
+ * that this reader leaves to it: a control character, invalid UTF-8, an unknown escape, \u0000, a lone
+ * surrogate, a missing closing quote. */
+bool jsonr_string(const char **pp, const char *end, struct buf *tmp, const char **s, size_t *n, bool *escaped);
 
 #endif

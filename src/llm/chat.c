@@ -67,9 +67,9 @@ char *chat_request_new_opts(const char *model, const struct chat_opts *o, const 
  * An answer is read once per completion, and building a tree of it (jansson's or jsonr's) was most of the
  * worker's own work per prompt. skim_* below walks the text once, checks it as jansson would, and takes only
  * choices[0].message.content, choices[0].finish_reason, model and usage.*_tokens. It handles the common case
- * and gives up (SKIM_OTHER) on anything it is not sure to read as jansson does: a \u escape, an escaped key,
- * a number that could overflow, nesting deeper than 64, text that is not an object. parse_tree then reads the
- * text the old way, so the result never depends on which path read it. */
+ * and gives up (SKIM_OTHER) on anything it is not sure to read as jansson does: an escaped key, a string
+ * jsonr_string refuses, a number that could overflow, nesting deeper than 64, text that is not an object. parse_tree
+ * then reads the text the old way, so the result never depends on which path read it. */
 
 enum { SKIM_OTHER = -2 };
 
@@ -100,47 +100,8 @@ static void skim_ws(struct skim *k)
  * valid until the next string read). Returns 0 or SKIM_OTHER. */
 static int skim_string(struct skim *k, const char **s, size_t *n, bool *escaped)
 {
-    const char *start = ++k->p;
-    /* ASCII text needs no UTF-8 check: most of an answer's strings */
-    while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20 &&
-           (unsigned char)*k->p < 0x80)
-        k->p++;
-    bool ascii = k->p >= k->end || (unsigned char)*k->p < 0x80;
-    while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20)
-        k->p++;
-    if (k->p >= k->end || (unsigned char)*k->p < 0x20)
-        return SKIM_OTHER;
-    *escaped = *k->p == '\\';
-    if (!*escaped) {
-        *s = start;
-        *n = (size_t)(k->p - start);
-        k->p++;
-        return ascii || utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
-    }
-    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
-    buf_reset(&k->str);
-    buf_append(&k->str, start, (size_t)(k->p - start));
-    while (k->p < k->end && *k->p != '"') {
-        const char *run = k->p;
-        while (k->p < k->end && *k->p != '"' && *k->p != '\\' && (unsigned char)*k->p >= 0x20)
-            k->p++;
-        buf_append(&k->str, run, (size_t)(k->p - run));
-        if (k->p >= k->end || (unsigned char)*k->p < 0x20)
-            return SKIM_OTHER;
-        if (*k->p == '\\') {
-            const char *e = k->p + 1 < k->end && k->p[1] ? strchr(from, k->p[1]) : NULL;
-            if (!e)
-                return SKIM_OTHER; /* \u and anything invalid: jansson decides */
-            buf_append(&k->str, &to[e - from], 1);
-            k->p += 2;
-        }
-    }
-    if (k->p >= k->end)
-        return SKIM_OTHER;
     k->p++;
-    *s = k->str.data;
-    *n = k->str.len;
-    return utf8_valid(*s, *n) ? 0 : SKIM_OTHER;
+    return jsonr_string(&k->p, k->end, &k->str, s, n, escaped) ? 0 : SKIM_OTHER;
 }
 
 /* A number at k->p, by JSON's grammar. *is_int and *i for an integer (no fraction, no exponent). Numbers that
