@@ -17,6 +17,7 @@ exit status or a sanitizer report in their log fails the module's last test.
 """
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -320,6 +321,40 @@ def stack(*args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"stack.sh {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def stack_pid(name):
+    """The pid of the stack's "kafka" or "redis" (scripts/stack.sh's pid file)."""
+    d = Path(os.environ.get("ASYNCLLM_STACK_DIR") or (REPO / ".stack"))
+    return int((d / "run" / f"{name}.pid").read_text().strip())
+
+
+def _all_threads_stopped(pid):
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # a thread that has just exited
+            continue
+        if stat[stat.rindex(")") + 2] != "T":
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def paused(name):
+    """The stack's "kafka" or "redis" stopped with SIGSTOP for the duration of the block, continued with SIGCONT
+    whatever happens. The block starts only once every thread of the process has stopped: kill() returns as soon
+    as the signal is queued, and Linux stops a process' threads only after one of them has taken the signal, so
+    the others run on meanwhile (measured on the broker: up to some 20 ms for its ~100 threads, longer on a busy
+    machine). A request sent right after kill() could still be served (a produce acknowledged: the 202 that made
+    test_z_broker_down flaky)."""
+    pid = stack_pid(name)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _all_threads_stopped(pid), 10, f"every thread of {name} (pid {pid}) to stop", interval=0.002)
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,15 +3,12 @@ back: normal service. Runs last (it stops the stack's Kafka); the broker is star
 happens."""
 
 import contextlib
-import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_error, llm_answer, stack, unique, wait_for
+from conftest import assert_error, llm_answer, paused, stack, unique, wait_for
 
 PRODUCE_TIMEOUT_MS = 3000
 # The worker's consumer-group session timeout is 10 s (src/kafka/kafka.c): an outage longer than that
@@ -117,11 +114,6 @@ def test_readyz_stays_503_while_the_broker_is_down(api, worker):
     assert '"kafka":false' in body.replace(" ", ""), body
 
 
-def _stack_pid(name):
-    d = Path(os.environ.get("ASYNCLLM_STACK_DIR") or (REPO / ".stack"))
-    return int((d / "run" / f"{name}.pid").read_text().strip())
-
-
 def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, redis):
     """The worst moment for a failed follow-up: Redis took the turn, then the broker did not acknowledge it (the
     client gets 503), and Redis is unreachable when the API marks the turn rejected. The API keeps the rejection
@@ -130,9 +122,7 @@ def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, r
     api2 = cluster.start("api", produce_timeout_ms=1500, redis_timeout_ms=500, request_timeout_ms=10000)
     cid = api2.submit(unique("first turn"))["conversation_id"]
     key = f"asyncllm:conv:{cid}"
-    kpid = _stack_pid("kafka")
-    os.kill(kpid, signal.SIGSTOP)
-    try:
+    with paused("kafka"):  # every broker thread stopped before the follow-up is sent: it cannot be acknowledged
         with ThreadPoolExecutor(1) as ex:
             fut = ex.submit(api2.submit_post, unique("follow-up answered 503"), cid)
             wait_for(lambda: redis.command("HGET", key, "t2.status") == b"pending", 10,
@@ -144,8 +134,6 @@ def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, r
                 time.sleep(1.0)  # the rejection could not be written: it waits for Redis
             finally:
                 stack("redis-start")
-    finally:
-        os.kill(kpid, signal.SIGCONT)
     wait_for(lambda: redis.command("HGET", key, "t2.status") == b"rejected", 20,
              "the API to mark the follow-up rejected once Redis is back", interval=0.2)
     assert "as rejected" in api2.proc.log_path.read_text()
