@@ -48,6 +48,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/queue.h>
 
 #define KEY_PREFIX "asyncllm:conv:"
@@ -782,12 +783,18 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
     }
     if (age >= st->cfg->redis_timeout_ms && writable(st)) {
         /* The loop may have been busy with other work while the replies arrived: read what is there before
-         * judging (libevent may run this timer before the socket's read event in the same iteration). */
-        redisAsyncHandleRead(st->ac);
-        head = TAILQ_FIRST(&st->sent);
-        if (!head)
-            return;
-        age = mono_ms() - head->sent_at;
+         * judging (libevent may run this timer before the socket's read event in the same iteration). One
+         * read takes at most 16 KiB (hiredis): go on while more has arrived and the oldest is still unanswered. */
+        int avail;
+        do {
+            redisAsyncHandleRead(st->ac);
+            head = TAILQ_FIRST(&st->sent);
+            if (!head)
+                return;
+            age = mono_ms() - head->sent_at;
+            avail = 0;
+        } while (age >= st->cfg->redis_timeout_ms && writable(st) && ioctl(st->ac->c.fd, FIONREAD, &avail) == 0 &&
+                 avail > 0);
     }
     if (age < st->cfg->redis_timeout_ms) {
         if (!st->check_armed)
