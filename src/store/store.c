@@ -16,15 +16,24 @@
  * head of st->sent: Redis answers in order) is younger than --redis-timeout-ms; when it is not, Redis is
  * treated as down: the connection is dropped, so every written operation answers STORE_EUNAVAILABLE, and
  * every queued one after them (in call order). The clock starts when a command is written, so it measures
- * Redis (and our loop reading its replies), not the time an operation waited in our queue.
+ * Redis (and our loop reading its replies), not the time an operation waited in our queue. While commands are
+ * still in hiredis' output buffer (our loop was busy, or the socket buffers are full while Redis reads a
+ * backlog), Redis may not have been sent the oldest one, or what is ahead of it: the oldest gets a fresh
+ * timeout, but only if the socket took bytes since its clock started. A Redis that stops reading takes
+ * nothing once the buffers are full, and is down like one that stops answering (granted unconditionally,
+ * this kept a stopped Redis' connection forever when the written commands outgrew the socket buffers).
+ * st->obuf_in counts the bytes handed to hiredis on the connection; less what is still in its buffer, that is
+ * what the socket took (sock_taken), and each written op keeps what the socket had taken when its clock
+ * started.
  *
  * Queued operations have no deadline of their own: while the oldest written command keeps being answered
  * within the timeout, Redis is alive and working through a backlog, and failing the operations behind it
  * would only turn load into retries (the start-up livelock this design removes: a burst timed out, the jobs
  * retried, the next burst timed out again). When Redis stops answering, the oldest written command ages past
  * the timeout and the queue fails with the connection: an operation fails at most --redis-timeout-ms after
- * Redis last answered anything. The queue's length is bounded (STORE_QUEUE_MAX): past it an operation fails
- * at once, as when Redis is down. Operations issued while disconnected fail at once, as before. */
+ * Redis last answered or read anything (twice that if commands were still waiting in hiredis' buffer). The
+ * queue's length is bounded (STORE_QUEUE_MAX): past it an operation fails at once, as when Redis is down.
+ * Operations issued while disconnected fail at once, as before. */
 #include "store/store.h"
 
 #include "core/config.h"
@@ -311,6 +320,7 @@ struct store {
     struct event *reconnect_ev;
     int reconnect_ms;
     int pending;             /* operations written and not answered (in sent): at most STORE_WINDOW */
+    uint64_t obuf_in;        /* bytes handed to this connection's output buffer (hiredis' obuf), see sock_taken */
     size_t nqueued;          /* operations in queued */
     TAILQ_HEAD(, op) sent;   /* written, in write order (= reply order): the head is the oldest */
     TAILQ_HEAD(, op) queued; /* waiting for the window, in call order */
@@ -359,9 +369,10 @@ struct op {
     TAILQ_ENTRY(op) link; /* in st->queued, then in st->sent */
     struct store *st;
     enum op_kind kind;
-    bool is_new;     /* OP_REJECT */
-    int npieces;     /* commands in cmd: 1, or those of a MULTI/EXEC group */
-    int64_t sent_at; /* mono_ms() when written */
+    bool is_new;          /* OP_REJECT */
+    int npieces;          /* commands in cmd: 1, or those of a MULTI/EXEC group */
+    int64_t sent_at;      /* mono_ms() when written, or when the timeout check last gave it a fresh timeout */
+    uint64_t stream_mark; /* what the socket had taken (sock_taken) when its clock (sent_at) started */
     /* While queued: the command(s) in RESP (owned), piece i ending at ends[i]. NULL once written. */
     char *cmd;
     size_t ends[CMD_PIECES_MAX];
@@ -527,6 +538,7 @@ static void store_connect(struct store *st)
         size_t lens[] = {6, 4, scripts[i].len};
         redisAsyncCommandArgv(ac, script_load_cb, NULL, 3, argv, lens);
     }
+    st->obuf_in = sdslen(ac->c.obuf); /* a new byte stream: nothing written yet */
 }
 
 struct store *store_new(struct event_base *base, const struct config *cfg)
@@ -665,6 +677,13 @@ static bool writable(const struct store *st)
     return st->ac && st->connected && !(st->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
 }
 
+/* Bytes of the connection's stream the socket has taken: those handed to hiredis' output buffer less those still
+ * in it (hiredis removes what write() took from the buffer's front). */
+static uint64_t sock_taken(const struct store *st)
+{
+    return st->obuf_in - sdslen(st->ac->c.obuf);
+}
+
 static void check_arm(struct store *st, int64_t ms)
 {
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
@@ -676,15 +695,18 @@ static void check_arm(struct store *st, int64_t ms)
  * the others (MULTI and the commands it queues) none. Returns -1 if hiredis refused. */
 static int op_write(struct store *st, struct op *op, const char *cmd, const size_t *ends, int npieces)
 {
+    size_t before = sdslen(st->ac->c.obuf);
     size_t from = 0;
     for (int i = 0; i < npieces; i++) {
         bool last = i == npieces - 1;
         int rc =
             redisAsyncFormattedCommand(st->ac, last ? op_reply_cb : NULL, last ? op : NULL, cmd + from, ends[i] - from);
         if (rc != REDIS_OK)
-            return -1;
+            return -1; /* the context is being torn down: its byte count no longer matters */
         from = ends[i];
     }
+    st->obuf_in += sdslen(st->ac->c.obuf) - before; /* hiredis appends here; it writes from the loop only */
+    op->stream_mark = sock_taken(st);
     st->pending++;
     op->sent_at = mono_ms();
     TAILQ_INSERT_TAIL(&st->sent, op, link);
@@ -766,21 +788,10 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct store *st = arg;
     st->check_armed = false;
-    const struct op *head = TAILQ_FIRST(&st->sent);
+    struct op *head = TAILQ_FIRST(&st->sent);
     if (!head)
         return; /* armed again by the next write */
     int64_t age = mono_ms() - head->sent_at;
-    if (age >= st->cfg->redis_timeout_ms && writable(st) && sdslen(st->ac->c.obuf) > 0) {
-        /* The loop was too busy to even send the commands (they are still in hiredis' output buffer): Redis
-         * cannot be blamed. Send them and give the oldest a full timeout from now. */
-        redisAsyncHandleWrite(st->ac); /* a failure drops the connection: nothing is left in sent */
-        struct op *oldest = TAILQ_FIRST(&st->sent);
-        if (oldest) {
-            oldest->sent_at = mono_ms();
-            check_arm(st, st->cfg->redis_timeout_ms);
-        }
-        return;
-    }
     if (age >= st->cfg->redis_timeout_ms && writable(st)) {
         /* The loop may have been busy with other work while the replies arrived: read what is there before
          * judging (libevent may run this timer before the socket's read event in the same iteration). One
@@ -795,6 +806,25 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
             avail = 0;
         } while (age >= st->cfg->redis_timeout_ms && writable(st) && ioctl(st->ac->c.fd, FIONREAD, &avail) == 0 &&
                  avail > 0);
+    }
+    if (age >= st->cfg->redis_timeout_ms && writable(st) && sdslen(st->ac->c.obuf) > 0) {
+        /* Commands are still in hiredis' output buffer: our loop was too busy to send them, or the socket
+         * buffers are full while Redis works through a large backlog. Redis cannot be blamed for what it was
+         * not sent, and the oldest command's clock started when it joined that buffer, behind whatever was
+         * ahead of it. Send what the socket takes now; if it took anything since the command's clock started,
+         * the command gets a full timeout from now. If it took nothing, Redis has stopped reading (its socket
+         * buffer and ours are full): that is Redis being down, and granting the timeout again would keep the
+         * connection, and every operation on it, forever. */
+        redisAsyncHandleWrite(st->ac); /* a failure drops the connection: nothing is left in sent */
+        head = TAILQ_FIRST(&st->sent);
+        if (!head)
+            return;
+        if (writable(st) && sock_taken(st) > head->stream_mark) {
+            head->sent_at = mono_ms();
+            head->stream_mark = sock_taken(st);
+            check_arm(st, st->cfg->redis_timeout_ms);
+            return;
+        }
     }
     if (age < st->cfg->redis_timeout_ms) {
         if (!st->check_armed)
