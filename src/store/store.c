@@ -827,8 +827,8 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     if (age < st->cfg->redis_timeout_ms) {
-        if (!st->check_armed)
-            check_arm(st, st->cfg->redis_timeout_ms - age);
+        /* even if armed: a write from a reply callback above armed it for a full timeout, not this deadline */
+        check_arm(st, st->cfg->redis_timeout_ms - age);
         return;
     }
     if (!st->ac)
