@@ -2,7 +2,10 @@
  *
  * Connection: one redisAsyncContext on the loop. When it drops, hiredis answers every command written to it
  * with a NULL reply (which we turn into STORE_EUNAVAILABLE) and a timer reconnects with a growing delay (50 ms
- * to 2 s).
+ * to 2 s). A new connection is ready (st->connected) only once Redis has taken our scripts (SCRIPT LOAD, see
+ * script_load_cb): a Redis still loading its data set answers -LOADING, and a connection taken as ready then
+ * answered NOSCRIPT to every script call for as long as it lasted. Until it is ready, the timeout check's
+ * timer is the connection's deadline.
  *
  * Window. At most STORE_WINDOW operations are written to the connection and not yet answered (st->sent, in
  * write order, which is reply order); further ones wait in st->queued, a FIFO, and are written one per reply
@@ -315,7 +318,9 @@ struct store {
     struct event_base *base;
     const struct config *cfg;
     redisAsyncContext *ac; /* NULL while disconnected */
-    bool connected;
+    bool connected;        /* ac is connected and our scripts are loaded on it: operations may be written */
+    int scripts_waiting;   /* SCRIPT LOAD replies still awaited on ac */
+    bool scripts_failed;   /* one of them was an error: ac is closed once all have come */
     bool closing;
     struct event *reconnect_ev;
     int reconnect_ms;
@@ -396,6 +401,7 @@ static void queue_fail(struct store *st);
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata);
 static void reject_later(struct store *st, const struct op *op);
 static void check_cb(evutil_socket_t fd, short what, void *arg);
+static void check_arm(struct store *st, int64_t ms);
 
 const char *turn_status_name(enum turn_status s)
 {
@@ -473,15 +479,14 @@ static void on_connect(const redisAsyncContext *ac, int status)
         schedule_reconnect(st);
         return;
     }
-    log_info("redis: connected to %s:%ld", st->cfg->redis_host, st->cfg->redis_port);
-    st->connected = true;
-    st->reconnect_ms = RECONNECT_MIN_MS;
+    /* ready once the scripts are loaded (script_load_cb) */
+    log_debug("redis: connected to %s:%ld, loading scripts", st->cfg->redis_host, st->cfg->redis_port);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
 {
     struct store *st = ac->data;
-    if (!st->closing)
+    if (!st->closing && (st->connected || !st->scripts_failed)) /* else script_load_cb said why */
         log_warn("redis: disconnected%s%s", status == REDIS_OK ? "" : ": ", status == REDIS_OK ? "" : ac->errstr);
     st->ac = NULL;
     st->connected = false;
@@ -497,13 +502,32 @@ static void reconnect_cb(evutil_socket_t fd, short what, void *arg)
     store_connect(arg);
 }
 
+/* The connection is ready once every script is loaded. Without them it is useless: every call would answer
+ * NOSCRIPT until the next reconnection. A Redis that is still loading its data set when we connect (after a
+ * restart) answers -LOADING to everything: such a connection is closed and made again with the growing delay,
+ * until Redis takes the scripts. It used to be taken as ready: the operations written meanwhile failed, a
+ * rejection (store_reject) with an error reply was lost, and once Redis was loaded every script call answered
+ * NOSCRIPT. */
 static void script_load_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
-    (void)ac;
     (void)privdata;
+    struct store *st = ac->data;
     redisReply *reply = r;
-    if (reply && reply->type == REDIS_REPLY_ERROR)
-        log_error("redis: SCRIPT LOAD failed: %s", reply->str);
+    if (!reply)
+        return; /* the connection is gone; on_disconnect reconnects */
+    if (reply->type == REDIS_REPLY_ERROR && !st->scripts_failed) {
+        st->scripts_failed = true;
+        log_warn("redis: SCRIPT LOAD failed: %s; connecting again", reply->str);
+    }
+    if (--st->scripts_waiting > 0)
+        return;
+    if (st->scripts_failed) {
+        redisAsyncDisconnect(ac); /* once this callback returns (no other reply is awaited): on_disconnect */
+        return;
+    }
+    log_info("redis: connected to %s:%ld", st->cfg->redis_host, st->cfg->redis_port);
+    st->connected = true;
+    st->reconnect_ms = RECONNECT_MIN_MS;
 }
 
 static void auth_cb(redisAsyncContext *ac, void *r, void *privdata)
@@ -533,12 +557,15 @@ static void store_connect(struct store *st)
     st->ac = ac;
     if (st->cfg->redis_password[0])
         redisAsyncCommand(ac, auth_cb, NULL, "AUTH %s", st->cfg->redis_password);
+    st->scripts_waiting = (int)(sizeof scripts / sizeof scripts[0]);
+    st->scripts_failed = false;
     for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++) {
         const char *argv[] = {"SCRIPT", "LOAD", scripts[i].text};
         size_t lens[] = {6, 4, scripts[i].len};
         redisAsyncCommandArgv(ac, script_load_cb, NULL, 3, argv, lens);
     }
-    st->obuf_in = sdslen(ac->c.obuf); /* a new byte stream: nothing written yet */
+    st->obuf_in = sdslen(ac->c.obuf);         /* a new byte stream: nothing written yet */
+    check_arm(st, st->cfg->redis_timeout_ms); /* the connection and its scripts have a deadline too (check_cb) */
 }
 
 struct store *store_new(struct event_base *base, const struct config *cfg)
@@ -780,6 +807,19 @@ static void queue_fail(struct store *st)
     st->overflowed = false;
 }
 
+/* Drops the connection of a Redis that stopped answering and reconnects later. Answers every written command,
+ * then (on_disconnect) every queued one. Not redisAsyncDisconnect(), which would wait for the replies of a server
+ * that stopped answering. */
+static void conn_drop(struct store *st)
+{
+    redisAsyncContext *ac = st->ac;
+    st->ac = NULL;
+    st->connected = false;
+    redisAsyncFree(ac);
+    queue_fail(st);
+    schedule_reconnect(st);
+}
+
 /* The oldest written command's deadline: rearmed for the new oldest one while Redis answers, else drops the
  * connection (see the top of this file). */
 static void check_cb(evutil_socket_t fd, short what, void *arg)
@@ -788,6 +828,14 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct store *st = arg;
     st->check_armed = false;
+    if (st->ac && !st->connected) {
+        /* Armed by store_connect: no operation is written before the scripts are loaded, so this deadline is the
+         * connection's own (a Redis that accepts the connection and stops there would otherwise keep it). */
+        log_warn("redis: not ready %ld ms after connecting (SCRIPT LOAD unanswered); connecting again",
+                 st->cfg->redis_timeout_ms);
+        conn_drop(st);
+        return;
+    }
     struct op *head = TAILQ_FIRST(&st->sent);
     if (!head)
         return; /* armed again by the next write */
@@ -836,14 +884,7 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
     log_warn("redis: command timed out after %ld ms; dropping the connection (%d written, %zu queued)",
              st->cfg->redis_timeout_ms, st->pending, st->nqueued);
     st->timeouts++;
-    /* Answers every written command, then (on_disconnect) every queued one. Not redisAsyncDisconnect(), which
-     * would wait for the replies of a server that stopped answering. */
-    redisAsyncContext *ac = st->ac;
-    st->ac = NULL;
-    st->connected = false;
-    redisAsyncFree(ac);
-    queue_fail(st);
-    schedule_reconnect(st);
+    conn_drop(st);
 }
 
 /* A decimal integer as the scripts store them (an optional '-', digits; stops at anything else), saturating like
