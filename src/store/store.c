@@ -5,7 +5,8 @@
  * to 2 s). A new connection is ready (st->connected) only once Redis has taken our scripts (SCRIPT LOAD, see
  * script_load_cb): a Redis still loading its data set answers -LOADING, and a connection taken as ready then
  * answered NOSCRIPT to every script call for as long as it lasted. Until it is ready, the timeout check's
- * timer is the connection's deadline.
+ * timer is the connection's deadline. A script cache emptied later (SCRIPT FLUSH, a failover) is loaded again
+ * and the script calls it refused are written again, in order (see NOSCRIPT below).
  *
  * Window. At most STORE_WINDOW operations are written to the connection and not yet answered (st->sent, in
  * write order, which is reply order); further ones wait in st->queued, a FIFO, and are written one per reply
@@ -77,6 +78,9 @@
 #define STR(x) STR_(x)
 /* A MULTI/EXEC group's commands: MULTI, HSET, EXPIRE, EXEC. */
 #define CMD_PIECES_MAX 4
+/* Times a script call answered NOSCRIPT is written again (after SCRIPT LOAD on the same connection, so only
+ * another flush in between can make it fail again): then NOSCRIPT is a failure like any error reply. */
+#define NOSCRIPT_RETRIES 1
 
 /* Every script that changes a turn notifies the conversation's channel (NOTIFY_CHANNEL_PREFIX + id, and cancels
  * NOTIFY_CANCEL_CHANNEL too) with "<conversation> <turn> <what>" (notify.h), and
@@ -333,7 +337,14 @@ struct store {
     bool check_armed;        /* check_ev is pending */
     bool overflowed;         /* the queue reached STORE_QUEUE_MAX (logged once until it empties) */
     uint64_t timeouts;       /* connections dropped because Redis stopped answering */
-    struct buf scratch;      /* for formatting commands */
+    /* Script calls answered NOSCRIPT (Redis lost its script cache: SCRIPT FLUSH, a failover), in reply order, to
+     * be written again ahead of everything queued once every operation written before is answered (stalled
+     * until then: nothing new is written). See noscript_retry. */
+    TAILQ_HEAD(, op) retry;
+    size_t nretry;
+    bool stalled;
+    uint64_t noscript_retries; /* operations written again after NOSCRIPT */
+    struct buf scratch;        /* for formatting commands */
     /* settings every script call sends, formatted once */
     char num_ttl[24], num_maxlen[24], num_evttl[24];
     /* Rejections (store_reject) that could not be written: Redis was down. Written again once it is back, so
@@ -375,10 +386,13 @@ struct op {
     struct store *st;
     enum op_kind kind;
     bool is_new;          /* OP_REJECT */
+    bool evalsha;         /* a script call by SHA-1: NOSCRIPT is answered by writing it again (cmd is kept) */
+    int noscript_tries;   /* times it was written again after NOSCRIPT */
     int npieces;          /* commands in cmd: 1, or those of a MULTI/EXEC group */
     int64_t sent_at;      /* mono_ms() when written, or when the timeout check last gave it a fresh timeout */
     uint64_t stream_mark; /* what the socket had taken (sock_taken) when its clock (sent_at) started */
-    /* While queued: the command(s) in RESP (owned), piece i ending at ends[i]. NULL once written. */
+    /* The command(s) in RESP (owned), piece i ending at ends[i]: while queued, and for a script call (evalsha)
+     * until it is answered. NULL once written otherwise. */
     char *cmd;
     size_t ends[CMD_PIECES_MAX];
     void *arg;
@@ -575,6 +589,7 @@ struct store *store_new(struct event_base *base, const struct config *cfg)
     st->base = base;
     TAILQ_INIT(&st->sent);
     TAILQ_INIT(&st->queued);
+    TAILQ_INIT(&st->retry);
     st->check_ev = evtimer_new(base, check_cb, st);
     fmt_i64(st->num_ttl, cfg->conversation_ttl_s);
     fmt_i64(st->num_maxlen, cfg->stream_max_events);
@@ -629,16 +644,20 @@ void store_metrics(const struct store *st, struct evbuffer *out)
     metric_counter(out, "asyncllm_redis_timeouts_total",
                    "Redis connections dropped because the oldest command went unanswered for --redis-timeout-ms",
                    (double)st->timeouts);
+    metric_counter(out, "asyncllm_redis_noscript_retries_total",
+                   "script calls written again after Redis answered NOSCRIPT (its script cache was emptied)",
+                   (double)st->noscript_retries);
 }
 
 void store_drain(struct store *st, int timeout_ms)
 {
     int64_t deadline = mono_ms() + timeout_ms;
     marks_flush(st);
-    while ((st->pending > 0 || st->nqueued > 0) && st->ac && mono_ms() < deadline)
+    while ((st->pending > 0 || st->nqueued > 0 || st->nretry > 0) && st->ac && mono_ms() < deadline)
         event_base_loop(st->base, EVLOOP_ONCE);
-    if (st->pending > 0 || st->nqueued > 0)
-        log_warn("redis: %d command(s) unanswered and %zu not written at shutdown", st->pending, st->nqueued);
+    if (st->pending > 0 || st->nqueued > 0 || st->nretry > 0)
+        log_warn("redis: %d command(s) unanswered and %zu not written at shutdown", st->pending,
+                 st->nqueued + st->nretry);
 }
 
 /* ---------------------------------------------------------------- operations */
@@ -742,8 +761,19 @@ static int op_write(struct store *st, struct op *op, const char *cmd, const size
     return 0;
 }
 
-/* Sends op's command(s) (see op_write): written now if the window has room and nothing waits, else queued
- * behind the operations waiting (a copy of cmd is kept). Answers STORE_EUNAVAILABLE at once if Redis is down
+/* A copy of op's command(s) in op->cmd. */
+static void op_keep_cmd(struct op *op, const char *cmd, const size_t *ends, int npieces)
+{
+    size_t len = ends[npieces - 1];
+    op->cmd = xmalloc(len);
+    memcpy(op->cmd, cmd, len);
+    memcpy(op->ends, ends, (size_t)npieces * sizeof *ends);
+    op->npieces = npieces;
+}
+
+/* Sends op's command(s) (see op_write): written now if the window has room and nothing waits (queued, or
+ * stalled for NOSCRIPT retries), else queued behind the operations waiting (a copy of cmd is kept, as it is
+ * for a script call written at once: see noscript_retry). Answers STORE_EUNAVAILABLE at once if Redis is down
  * or the queue is full. Takes op. */
 static void op_submit(struct store *st, struct op *op, const char *cmd, const size_t *ends, int npieces)
 {
@@ -753,9 +783,13 @@ static void op_submit(struct store *st, struct op *op, const char *cmd, const si
         op_fail(st, op);
         return;
     }
-    if (TAILQ_EMPTY(&st->queued) && st->pending < STORE_WINDOW) {
-        if (op_write(st, op, cmd, ends, npieces))
+    if (TAILQ_EMPTY(&st->queued) && !st->stalled && st->pending < STORE_WINDOW) {
+        if (op_write(st, op, cmd, ends, npieces)) {
             op_fail(st, op); /* the context is being torn down */
+            return;
+        }
+        if (op->evalsha) /* kept until answered, for NOSCRIPT */
+            op_keep_cmd(op, cmd, ends, npieces);
         return;
     }
     if (st->nqueued >= STORE_QUEUE_MAX) {
@@ -767,38 +801,43 @@ static void op_submit(struct store *st, struct op *op, const char *cmd, const si
         op_fail(st, op);
         return;
     }
-    size_t len = ends[npieces - 1];
-    op->cmd = xmalloc(len);
-    memcpy(op->cmd, cmd, len);
-    memcpy(op->ends, ends, (size_t)npieces * sizeof *ends);
-    op->npieces = npieces;
+    op_keep_cmd(op, cmd, ends, npieces);
     TAILQ_INSERT_TAIL(&st->queued, op, link);
     st->nqueued++;
 }
 
-/* Writes queued operations while the window has room. */
+/* Writes queued operations while the window has room (none while stalled for NOSCRIPT retries). */
 static void queue_pump(struct store *st)
 {
-    while (st->pending < STORE_WINDOW && !TAILQ_EMPTY(&st->queued) && writable(st)) {
+    while (st->pending < STORE_WINDOW && !TAILQ_EMPTY(&st->queued) && !st->stalled && writable(st)) {
         struct op *op = TAILQ_FIRST(&st->queued);
         TAILQ_REMOVE(&st->queued, op, link);
         st->nqueued--;
-        char *cmd = op->cmd;
-        op->cmd = NULL;
-        int rc = op_write(st, op, cmd, op->ends, op->npieces);
-        free(cmd);
-        if (rc)
+        if (op_write(st, op, op->cmd, op->ends, op->npieces)) {
             op_fail(st, op);
+            continue;
+        }
+        if (!op->evalsha) { /* a script call keeps its command until answered (NOSCRIPT) */
+            free(op->cmd);
+            op->cmd = NULL;
+        }
     }
     if (st->nqueued == 0)
         st->overflowed = false;
 }
 
-/* Fails every queued operation, in call order (the connection is gone). One that a callback issues meanwhile
- * fails at once (not connected) rather than joining the queue. */
+/* Fails every operation waiting to be written again after NOSCRIPT, then every queued one, in call order (the
+ * connection is gone). One that a callback issues meanwhile fails at once (not connected) rather than joining
+ * the queue. */
 static void queue_fail(struct store *st)
 {
     struct op *op;
+    st->stalled = false;
+    while ((op = TAILQ_FIRST(&st->retry))) {
+        TAILQ_REMOVE(&st->retry, op, link);
+        st->nretry--;
+        op_fail(st, op);
+    }
     while ((op = TAILQ_FIRST(&st->queued))) {
         TAILQ_REMOVE(&st->queued, op, link);
         st->nqueued--;
@@ -1078,6 +1117,92 @@ static void verdict_reply(struct op *op, const redisReply *reply)
     op->cb.verdict(op->arg, STORE_OK, reply->element[0]->integer == 1, v, reply->element[2]->integer == 1);
 }
 
+/* ------------------------------------------------------------ NOSCRIPT
+ *
+ * Redis can lose its script cache while our connection stays up: SCRIPT FLUSH, a failover to a replica that
+ * never ran SCRIPT LOAD, a restart behind a proxy. Every EVALSHA then answers -NOSCRIPT, and it used to fail
+ * the operation, so every script call failed until the connection happened to drop. Now an operation answered
+ * NOSCRIPT is written again, transparently to its caller, after SCRIPT LOAD of every script on the same
+ * connection (which also serves the operations after it, unlike an EVAL of one script's text).
+ *
+ * Order. Operations are written in call order, and a caller may issue several for one conversation without
+ * waiting (a stream's events, then the turn's FINISH). Writing a retry at once, when its NOSCRIPT arrives,
+ * would put it behind operations written after the failed one and still unanswered: those met the same empty
+ * cache and come back NOSCRIPT too, each retried later still, and any new operation written in between (by
+ * then the cache is loaded again, so it succeeds) would overtake them: a stream's delta after its end event.
+ * So the first NOSCRIPT stalls the connection: nothing new is written (op_submit and queue_pump queue it), the
+ * operations already written come back, those answered NOSCRIPT join st->retry in reply order (= write order),
+ * and once the last written one is answered, SCRIPT LOAD and then the retries are written, in that order,
+ * ahead of everything queued. Among themselves and against every later call, the operations keep their order;
+ * the stall lasts one round trip, and the timeout check covers it like any wait for Redis.
+ *
+ * What it cannot do: an operation written after the failed one and answered without NOSCRIPT has run before
+ * the failed one's retry. That takes a command that runs no script (HGETALL, the MULTI/EXEC of a new
+ * conversation, SET/DEL of an idempotency key), or the script cache filled again between the two by another
+ * client (another asyncllm process reloading after the same flush) within one pipeline's round trip. The
+ * store's callers do not issue a plain command behind an unanswered write of the same conversation, and the
+ * second case needs a flush racing another process' reload; we accept it rather than give up pipelining.
+ *
+ * Bound. An operation is written again at most NOSCRIPT_RETRIES times; after that NOSCRIPT is an error reply
+ * like any other (the caller gets STORE_EUNAVAILABLE), so a Redis that keeps flushing, or refuses SCRIPT LOAD,
+ * cannot keep one in a loop. The retries' memory is that of the window: only written operations are retried,
+ * and a script call keeps a copy of its command until it is answered (op->cmd). */
+
+static void reload_cb(redisAsyncContext *ac, void *r, void *privdata)
+{
+    (void)ac;
+    (void)privdata;
+    redisReply *reply = r;
+    if (reply && reply->type == REDIS_REPLY_ERROR) /* the retries behind it will answer NOSCRIPT: failures */
+        log_warn("redis: SCRIPT LOAD after NOSCRIPT failed: %s", reply->str);
+}
+
+static bool is_noscript(const redisReply *reply)
+{
+    return reply && reply->type == REDIS_REPLY_ERROR && reply->len >= 8 && memcmp(reply->str, "NOSCRIPT", 8) == 0;
+}
+
+/* Once every operation written before the stall is answered: SCRIPT LOAD of every script, then the retries in
+ * order, then the queue. Not writable (the connection is going away): queue_fail fails them. */
+static void noscript_replay(struct store *st)
+{
+    assert(st->stalled && st->pending == 0);
+    if (!writable(st))
+        return;
+    size_t before = sdslen(st->ac->c.obuf);
+    for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++) {
+        const char *argv[] = {"SCRIPT", "LOAD", scripts[i].text};
+        size_t lens[] = {6, 4, scripts[i].len};
+        redisAsyncCommandArgv(st->ac, reload_cb, NULL, 3, argv, lens);
+    }
+    st->obuf_in += sdslen(st->ac->c.obuf) - before;
+    log_warn("redis: scripts loaded again; writing %zu operation(s) answered NOSCRIPT again", st->nretry);
+    st->stalled = false;
+    struct op *op;
+    while ((op = TAILQ_FIRST(&st->retry))) {
+        TAILQ_REMOVE(&st->retry, op, link);
+        st->nretry--;
+        op->noscript_tries++;
+        st->noscript_retries++;
+        if (op_write(st, op, op->cmd, op->ends, op->npieces))
+            op_fail(st, op);
+    }
+    queue_pump(st);
+}
+
+/* op (just removed from sent) was answered NOSCRIPT: it waits in st->retry, and the connection is stalled (see
+ * above). Takes op. */
+static void noscript_retry(struct store *st, struct op *op)
+{
+    if (!st->stalled)
+        log_warn("redis: NOSCRIPT: Redis lost our scripts (SCRIPT FLUSH, failover?): loading them again, then "
+                 "writing again what it refused (after the %d operation(s) still unanswered)",
+                 st->pending);
+    st->stalled = true;
+    TAILQ_INSERT_TAIL(&st->retry, op, link);
+    st->nretry++;
+}
+
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
 {
     (void)ac;
@@ -1086,21 +1211,28 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     assert(op == TAILQ_FIRST(&st->sent)); /* Redis answers in order */
     TAILQ_REMOVE(&st->sent, op, link);
     st->pending--;
-    queue_pump(st); /* before the callback: the window stays full, and the queue keeps call order */
     redisReply *reply = r;
+    bool retry = op->evalsha && op->noscript_tries < NOSCRIPT_RETRIES && is_noscript(reply);
+    if (retry)
+        noscript_retry(st, op);
+    if (st->stalled && st->pending == 0)
+        noscript_replay(st);
+    queue_pump(st); /* before the callback: the window stays full, and the queue keeps call order */
+    if (retry)
+        return;
     if (op->kind == OP_REJECT && !reply) /* Redis went away (an error reply is logged below) */
         reject_later(st, op);
     if (!has_callback(op)) {
         if (reply && reply->type == REDIS_REPLY_ERROR)
             log_error("redis: %s", reply->str);
-        free(op);
+        op_free(op);
         return;
     }
     if (!reply || reply->type == REDIS_REPLY_ERROR) {
         if (reply)
             log_error("redis: %s", reply->str);
         op_answer_error(op, STORE_EUNAVAILABLE);
-        free(op);
+        op_free(op);
         return;
     }
     struct conv conv = {0};
@@ -1176,7 +1308,7 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     }
     if (op->kind == OP_LOAD || op->kind == OP_BEGIN)
         free(conv.turn);
-    free(op);
+    op_free(op);
 }
 
 /* Writes c, v in decimal and CRLF at p; returns the end. */
@@ -1300,6 +1432,7 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
     char nk[24];
     fmt_i64(nk, nkeys);
     const char *sha = script_sha(script);
+    op->evalsha = sha != NULL;
     a[0] = sha ? "EVALSHA" : "EVAL";
     l[0] = strlen(a[0]);
     a[1] = sha ? sha : script;
@@ -1559,7 +1692,9 @@ static void marks_flush(struct store *st)
     resp_append(b, (int)(3 + 2 * n), argv, NULL);
     free(argv);
     /* the op's conversation is only for logs: the batch's first */
-    op_send_formatted(st, op_new(OP_PUBLISHED, st->marks[0].key + sizeof KEY_PREFIX - 1, NULL), b->data, b->len);
+    struct op *op = op_new(OP_PUBLISHED, st->marks[0].key + sizeof KEY_PREFIX - 1, NULL);
+    op->evalsha = true;
+    op_send_formatted(st, op, b->data, b->len);
 }
 
 static void marks_cb(evutil_socket_t fd, short what, void *arg)

@@ -110,7 +110,7 @@ void store_free(struct store *st);
 bool store_connected(const struct store *st);
 /* Writes the store's metrics (Prometheus text, core/metrics.h) to out: operations written to Redis and not
  * answered, operations queued for the connection's window, connections dropped because Redis stopped
- * answering. */
+ * answering, script calls written again after NOSCRIPT. */
 void store_metrics(const struct store *st, struct evbuffer *out);
 /* Runs the loop until every command sent has been answered (at most timeout_ms): the last writes of a
  * shutdown (fire-and-forget ones included) reach Redis before store_free() closes the connection. Only at
