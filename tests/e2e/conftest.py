@@ -9,6 +9,7 @@ Environment (same defaults as scripts/stack.sh and docs/CONTRACTS.md):
   ASYNCLLM_BIN   binary under test (default build/asan/asyncllm, relative to the repo)
   FAKELLM_BIN    fake LLM (default build/fakellm)
   ASYNCLLM_STACK_DIR, KAFKA_CONTROLLER_PORT are passed on to scripts/stack.sh (broker-down test).
+  ASYNCLLM_E2E_EXTRA_PORTS  "first-last": ports for the servers a test starts itself (default: any free one)
   ASAN_OPTIONS, UBSAN_OPTIONS   default: leaks and errors fatal (see SAN_ENV)
 
 Each module gets its own topics and consumer group (Cluster), so modules never see each other's
@@ -72,6 +73,23 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def extra_port():
+    """A free port for a server a test starts itself (a redis-server of its own): any free one, or one in
+    ASYNCLLM_E2E_EXTRA_PORTS ("first-last") where only some ports may be used on this machine."""
+    spec = os.environ.get("ASYNCLLM_E2E_EXTRA_PORTS", "")
+    if not spec:
+        return free_port()
+    first, last = (int(x) for x in spec.split("-"))
+    for port in range(first, last + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in ASYNCLLM_E2E_EXTRA_PORTS={spec}")
 
 
 def wait_for(predicate, timeout, what, interval=0.05):

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import Proc, Redis, free_port, unique, wait_for
+from conftest import Proc, Redis, extra_port, unique, wait_for
 
 KEYS = 2500
 KEY_LOAD_DELAY_US = 2000  # 2,500 keys: about 5 s of loading
@@ -44,7 +44,7 @@ def _state(r):
 @pytest.fixture
 def loading_redis(tmp_path):
     """A redis-server that has just started loading KEYS keys, slowly; stopped at the end."""
-    port = free_port()
+    port = extra_port()
     data = tmp_path / "redis"
     data.mkdir()
     base = ["redis-server", "--bind", "127.0.0.1", "--port", port, "--dir", data, "--save", "", "--appendonly", "no"]
