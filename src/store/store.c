@@ -352,6 +352,7 @@ struct store {
     struct reject *rejects;
     size_t nrejects;
     struct event *reject_ev;
+    bool rejects_failing; /* a rejection failed and none has been written since (logged once until then) */
     /* Published marks are sent in batches, one script call per loop iteration (or per PUBMARKS_MAX): a script
      * call costs Redis about as much again as the commands it runs. */
     struct pubmark *marks;
@@ -413,7 +414,7 @@ struct op {
 static void store_connect(struct store *st);
 static void queue_fail(struct store *st);
 static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata);
-static void reject_later(struct store *st, const struct op *op);
+static void reject_later(struct store *st, const struct op *op, const char *why);
 static void check_cb(evutil_socket_t fd, short what, void *arg);
 static void check_arm(struct store *st, int64_t ms);
 
@@ -711,7 +712,7 @@ static void op_free(struct op *op)
 static void op_fail(struct store *st, struct op *op)
 {
     if (op->kind == OP_REJECT)
-        reject_later(st, op);
+        reject_later(st, op, "Redis unavailable");
     if (has_callback(op))
         op_answer_error(op, STORE_EUNAVAILABLE);
     op_free(op);
@@ -1220,8 +1221,20 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     queue_pump(st); /* before the callback: the window stays full, and the queue keeps call order */
     if (retry)
         return;
-    if (op->kind == OP_REJECT && !reply) /* Redis went away (an error reply is logged below) */
-        reject_later(st, op);
+    if (op->kind == OP_REJECT) {
+        /* Lost with the connection, or refused (-OOM, -MISCONF, -LOADING, -READONLY, NOSCRIPT twice...): either
+         * way the turn is still pending while its client was told 503, so it is tried again. An error reply
+         * used to drop it. */
+        if (!reply || reply->type == REDIS_REPLY_ERROR)
+            reject_later(st, op, reply ? reply->str : "connection lost");
+        else if (st->rejects_failing) {
+            st->rejects_failing = false;
+            log_info("redis: Redis takes rejections again (%zu turn(s) answered 503 still to mark as rejected)",
+                     st->nrejects);
+        }
+        op_free(op);
+        return;
+    }
     if (!has_callback(op)) {
         if (reply && reply->type == REDIS_REPLY_ERROR)
             log_error("redis: %s", reply->str);
@@ -1554,25 +1567,34 @@ void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
     EVAL(st, op, LUA_REJECT, 1, argv, NULL);
 }
 
-/* A rejection that failed waits for Redis (bounded: past REJECTS_MAX the turn stays pending, logged). */
-static void reject_later(struct store *st, const struct op *op)
+/* A rejection that failed (not written, lost with the connection, or answered with an error: why) is written
+ * again every REJECT_RETRY_MS while connected, until Redis takes it. Bounded: past REJECTS_MAX waiting, the turn
+ * stays pending (logged). A Redis that keeps refusing (an error that never goes away) keeps it until exit. */
+static void reject_later(struct store *st, const struct op *op, const char *why)
 {
     if (st->closing)
         return;
     if (st->nrejects >= REJECTS_MAX) {
-        log_error("redis: conversation %s turn %ld was answered 503 but cannot be marked rejected (%zu waiting "
+        log_error("redis: conversation %s turn %ld was answered 503 but cannot be marked rejected (%s; %zu waiting "
                   "already): it stays pending",
-                  op->conv_id, op->turn, st->nrejects);
+                  op->conv_id, op->turn, why, st->nrejects);
         return;
     }
+    if (!st->rejects_failing)
+        log_warn("redis: conversation %s turn %ld, answered 503, could not be marked rejected (%s): marking turns "
+                 "answered 503 as rejected when Redis takes it, every %d ms",
+                 op->conv_id, op->turn, why, REJECT_RETRY_MS);
+    else
+        log_debug("redis: conversation %s turn %ld, answered 503, could not be marked rejected (%s)", op->conv_id,
+                  op->turn, why);
+    st->rejects_failing = true;
     struct reject *rj = xmalloc(sizeof *rj);
     rj->turn = op->turn;
     rj->is_new = op->is_new;
     snprintf(rj->conv_id, sizeof rj->conv_id, "%s", op->conv_id);
     rj->next = st->rejects;
     st->rejects = rj;
-    if (st->nrejects++ == 0)
-        log_warn("redis: marking turns answered 503 as rejected when Redis is back");
+    st->nrejects++;
     if (!evtimer_pending(st->reject_ev, NULL)) {
         struct timeval tv = {0, REJECT_RETRY_MS * 1000};
         evtimer_add(st->reject_ev, &tv);
@@ -1593,7 +1615,7 @@ static void reject_retry_cb(evutil_socket_t fd, short what, void *arg)
     size_t n = st->nrejects;
     st->rejects = NULL;
     st->nrejects = 0;
-    log_info("redis: marking %zu turn(s) answered 503 as rejected", n);
+    log_debug("redis: marking %zu turn(s) answered 503 as rejected", n);
     while (list) { /* a failure puts it back on st->rejects */
         struct reject *rj = list;
         list = rj->next;

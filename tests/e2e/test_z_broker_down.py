@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import assert_error, llm_answer, paused, stack, unique, wait_for
+from conftest import Proc, Redis, assert_error, extra_port, llm_answer, paused, stack, unique, wait_for
 
 PRODUCE_TIMEOUT_MS = 3000
 # The worker's consumer-group session timeout is 10 s (src/kafka/kafka.c): an outage longer than that
@@ -137,4 +137,49 @@ def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, r
     wait_for(lambda: redis.command("HGET", key, "t2.status") == b"rejected", 20,
              "the API to mark the follow-up rejected once Redis is back", interval=0.2)
     assert "as rejected" in api2.proc.log_path.read_text()
+    wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own (its memory limit is changed: not the stack's), stopped at the end."""
+    port = extra_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    proc = Proc("redis-server (own)", ["redis-server", "--bind", "127.0.0.1", "--port", port, "--dir", data, "--save",
+                                       "", "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+                tmp_path / "redis-own.log", sanitized=False)
+    r = Redis(port=port)
+    try:
+        wait_for(lambda: r.command("PING") == "PONG", 20, f"redis-server on port {port}")
+        yield port, r
+    finally:
+        proc.stop()
+
+
+def test_a_503_whose_rejection_redis_refuses_is_marked_rejected_once_redis_takes_it(cluster, own_redis):
+    """As above, but Redis is up and answers the rejection with an error (-OOM here; -MISCONF, -LOADING,
+    -READONLY alike): the API used to drop it, so the turn stayed `pending` forever while its client had been
+    told 503. Now it is kept and retried like one the connection lost. The test's own Redis takes the turn, then
+    refuses writes (maxmemory 1, noeviction) before the produce fails; a while later it takes writes again."""
+    port, r = own_redis
+    api2 = cluster.start("api", redis_port=port, produce_timeout_ms=1500, request_timeout_ms=10000)
+    cid = api2.submit(unique("first turn"))["conversation_id"]
+    key = f"asyncllm:conv:{cid}"
+    with paused("kafka"):  # the follow-up cannot be acknowledged: 503 after the produce timeout
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(api2.submit_post, unique("follow-up answered 503"), cid)
+            wait_for(lambda: r.command("HGET", key, "t2.status") == b"pending", 10,
+                     "the follow-up to write its turn to Redis", interval=0.02)
+            r.command("CONFIG", "SET", "maxmemory", "1")
+            try:
+                assert_error(fut.result(timeout=30), 503)
+                wait_for(lambda: "OOM" in api2.proc.log(), 10, "Redis to refuse the rejection (OOM)", interval=0.1)
+                time.sleep(1.2)  # retried meanwhile (every 500 ms) and refused again
+                assert r.command("HGET", key, "t2.status") == b"pending"
+            finally:
+                r.command("CONFIG", "SET", "maxmemory", "0")
+    wait_for(lambda: r.command("HGET", key, "t2.status") == b"rejected", 10,
+             "the API to mark the follow-up rejected once Redis takes writes again", interval=0.2)
+    assert "as rejected" in api2.proc.log()
     wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
