@@ -18,7 +18,8 @@
 #   KAFKA_CONTROLLER_PORT  default 9093, KRaft controller listener on 127.0.0.1
 #   REDIS_PORT             default 6390 (not 6379: a system redis-server may own that one)
 # Tuning: ASYNCLLM_STACK_TIMEOUT (readiness wait, default 90 s), KAFKA_HEAP_OPTS (default
-#   "-Xms512m -Xmx512m"), KAFKA_JVM_OPTS (extra JVM flags), ASYNCLLM_KAFKA_CDS=0 (no class-data
+#   "-Xms512m -Xmx512m"), KAFKA_GC_OPTS (default G1 with a 20 ms pause goal, as Kafka's own scripts),
+#   KAFKA_JVM_OPTS (extra JVM flags), ASYNCLLM_KAFKA_CDS=0 (no class-data
 #   sharing archive), ASYNCLLM_KAFKA_VERSION and ASYNCLLM_CACHE (see kafka-fetch.sh).
 #
 # Topics are not created here: asyncllm creates them at start-up (auto-creation is off).
@@ -38,6 +39,7 @@ REDIS_PORT=${REDIS_PORT:-6390}
 TIMEOUT=${ASYNCLLM_STACK_TIMEOUT:-90}
 STOP_TIMEOUT=20
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}
+KAFKA_GC_OPTS=${KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent}
 KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:-}
 
 KAFKA_DIR="$STACK_DIR/kafka"
@@ -342,8 +344,7 @@ kafka_start() {
 
   local -a jvm_opts
   # shellcheck disable=SC2206 # word splitting of the option strings is intended
-  jvm_opts=($KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20
-    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15
+  jvm_opts=($KAFKA_HEAP_OPTS -server $KAFKA_GC_OPTS -XX:MaxInlineLevel=15
     -XX:+ExitOnOutOfMemoryError -XX:-UsePerfData -Djava.awt.headless=true
     "${cds_opts[@]}" $KAFKA_JVM_OPTS)
 

@@ -45,6 +45,14 @@ static const struct cfg_entry entries[] = {
     I("replication", replication, 1, 16, "1", "replication factor of topics asyncllm creates"),
     I("produce-timeout-ms", produce_timeout_ms, 100, 600000, "5000",
       "how long a produce may wait for the broker's ack before the request fails (503)"),
+    I("prompt-linger-ms", prompt_linger_ms, 0, 1000, "1",
+      "the API batches prompts this long into one produce request per partition (adds up to this much to a 202)"),
+    I("response-linger-ms", response_linger_ms, 0, 1000, "2",
+      "the worker batches responses this long into one produce request per partition (fewer requests for the "
+      "broker; a response is published up to this much later)"),
+    I("fetch-wait-ms", fetch_wait_ms, 0, 1000, "5",
+      "the worker reads prompts in fetches the broker answers every this many ms (or at 1 MiB), not one small "
+      "fetch per round trip; a prompt waits up to this much more. 0: an answer as soon as a prompt is there"),
     /* Redis */
     S("redis-host", redis_host, "127.0.0.1", "Redis host"),
     I("redis-port", redis_port, 1, 65535, "6379", "Redis port"),

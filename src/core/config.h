@@ -26,6 +26,9 @@ struct config {
     long partitions;
     long replication;
     long produce_timeout_ms;
+    long prompt_linger_ms;
+    long response_linger_ms;
+    long fetch_wait_ms;
     /* Redis */
     const char *redis_host;
     long redis_port;

@@ -493,7 +493,7 @@ struct api *api_new(struct event_base *base, const struct config *cfg, int port,
     struct api *api = xcalloc(1, sizeof *api);
     api->base = base;
     api->cfg = cfg;
-    api->kp = kafka_producer_new(base, cfg, api_dr_cb, err, errlen);
+    api->kp = kafka_producer_new(base, cfg, cfg->prompt_linger_ms, api_dr_cb, err, errlen);
     if (!api->kp) {
         free(api);
         return NULL;

@@ -210,17 +210,18 @@ static void producer_io_cb(evutil_socket_t fd, short what, void *arg)
         event_active(kp->io.ev_read, EV_READ, 0);
 }
 
-struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, kafka_dr_cb *dr, char *err,
-                                          size_t errlen)
+struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, long linger_ms,
+                                          kafka_dr_cb *dr, char *err, size_t errlen)
 {
-    char tmo[32];
+    char tmo[32], linger[32];
     rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
     if (!conf)
         return NULL;
     snprintf(tmo, sizeof tmo, "%ld", cfg->produce_timeout_ms);
+    snprintf(linger, sizeof linger, "%ld", linger_ms);
     if (set_conf(conf, "enable.idempotence", "true", err, errlen) || set_conf(conf, "acks", "all", err, errlen) ||
         set_conf(conf, "partitioner", "murmur2_random", err, errlen) ||
-        set_conf(conf, "message.timeout.ms", tmo, err, errlen) || set_conf(conf, "linger.ms", "1", err, errlen)) {
+        set_conf(conf, "message.timeout.ms", tmo, err, errlen) || set_conf(conf, "linger.ms", linger, err, errlen)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
@@ -484,7 +485,7 @@ static bool take_from_partitions(struct kafka_consumer *kc)
 }
 
 struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
-                                          const char *topic, const char *offset_reset,
+                                          const char *topic, const char *offset_reset, long fetch_wait_ms,
                                           const struct kafka_consumer_hooks *hooks, void *ctx, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = base_conf(cfg, err, errlen);
@@ -492,8 +493,9 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
         return NULL;
     /* With a queue per partition (hooks.room), librdkafka's prefetch limit applies to each partition, not to
      * the consumer queue they all shared: at most max-buffered messages each. */
-    char qmin[32];
+    char qmin[32], fwait[32];
     snprintf(qmin, sizeof qmin, "%ld", cfg->max_buffered > 1000 ? cfg->max_buffered : 1000L);
+    snprintf(fwait, sizeof fwait, "%ld", fetch_wait_ms);
     if (set_conf(conf, "group.id", group_id, err, errlen) ||
         set_conf(conf, "enable.auto.commit", "false", err, errlen) ||
         set_conf(conf, "enable.auto.offset.store", "false", err, errlen) ||
@@ -502,6 +504,8 @@ struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct 
         set_conf(conf, "session.timeout.ms", "10000", err, errlen) ||
         set_conf(conf, "heartbeat.interval.ms", "1000", err, errlen) ||
         (hooks->room && set_conf(conf, "queued.min.messages", qmin, err, errlen)) ||
+        (fetch_wait_ms > 0 && (set_conf(conf, "fetch.wait.max.ms", fwait, err, errlen) ||
+                               set_conf(conf, "fetch.min.bytes", "1048576", err, errlen))) ||
         (cfg->instance_id[0] && set_conf(conf, "group.instance.id", cfg->instance_id, err, errlen))) {
         rd_kafka_conf_destroy(conf);
         return NULL;

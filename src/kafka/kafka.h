@@ -27,9 +27,11 @@ struct kafka_producer;
  * acknowledged it (acks=all). opaque is the pointer given to kafka_produce(). */
 typedef void kafka_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset);
 
-/* Creates a producer whose delivery reports are served on base. Returns NULL with a message in err. */
-struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, kafka_dr_cb *dr, char *err,
-                                          size_t errlen);
+/* Creates a producer whose delivery reports are served on base. It waits up to linger_ms (linger.ms) to batch
+ * messages into one produce request per partition: fewer, larger requests cost the broker much less (it pays
+ * per request), each message's ack comes up to linger_ms later. Returns NULL with a message in err. */
+struct kafka_producer *kafka_producer_new(struct event_base *base, const struct config *cfg, long linger_ms,
+                                          kafka_dr_cb *dr, char *err, size_t errlen);
 /* Enqueues a copy of key and value (and takes ownership of hdrs on success, which may be NULL). Returns
  * RD_KAFKA_RESP_ERR_NO_ERROR, or an error now (QUEUE_FULL, UNKNOWN_TOPIC...), in which case dr is not called. */
 rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, const char *key, size_t keylen,
@@ -71,9 +73,13 @@ struct kafka_consumer_hooks {
 
 /* Creates a consumer in group_id subscribed to topic, served on base. A new group starts at offset_reset
  * ("earliest" or "latest"). Offsets are never committed automatically: the caller commits with
- * kafka_consumer_commit(). */
+ * kafka_consumer_commit(). fetch_wait_ms > 0: the broker answers a fetch every fetch_wait_ms (or once 1 MiB is
+ * waiting), so a busy topic is read in a few large fetches instead of one small fetch per round trip (each costs
+ * the broker about as much as a produce request), and a message waits up to fetch_wait_ms more; an idle
+ * consumer then fetches 1000/fetch_wait_ms times a second. 0: librdkafka's default, an answer as soon as any
+ * message is there (a long poll of up to 500 ms when there is none). */
 struct kafka_consumer *kafka_consumer_new(struct event_base *base, const struct config *cfg, const char *group_id,
-                                          const char *topic, const char *offset_reset,
+                                          const char *topic, const char *offset_reset, long fetch_wait_ms,
                                           const struct kafka_consumer_hooks *hooks, void *ctx, char *err,
                                           size_t errlen);
 /* Commits offsets (each the next offset to read). async=false blocks until the broker answers. */

@@ -908,7 +908,7 @@ struct exec *exec_new(struct event_base *base, const struct config *cfg, char *c
     ex->sigchld = evsignal_new(base, SIGCHLD, sigchld_cb, ex);
     event_add(ex->sigchld, NULL);
     ex->restart_ev = evtimer_new(base, restart_cb, ex);
-    ex->kp = kafka_producer_new(base, cfg, dr_cb, err, errlen);
+    ex->kp = kafka_producer_new(base, cfg, 1, dr_cb, err, errlen);
     if (!ex->kp)
         goto fail;
     kafka_producer_warm(ex->kp, cfg->topic_postprocessed);

@@ -507,7 +507,7 @@ struct moderate *moderate_new(struct event_base *base, const struct config *cfg,
     } else {
         log_warn("no --moderation-words: answers are checked for emptiness, truncation and echoes only");
     }
-    md->kp = kafka_producer_new(base, cfg, dr_cb, err, errlen);
+    md->kp = kafka_producer_new(base, cfg, 1, dr_cb, err, errlen);
     if (!md->kp)
         goto fail;
     kafka_producer_warm(md->kp, cfg->topic_moderation);

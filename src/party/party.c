@@ -352,8 +352,8 @@ struct party *party_new(struct event_base *base, const struct config *cfg, const
     p->ctx = ctx;
     p->keys = map_new();
     static const struct kafka_consumer_hooks kh = {on_message, on_assign, on_revoke, NULL};
-    p->kc =
-        kafka_consumer_new(base, cfg, p->group, p->topic, o->from_latest ? "latest" : "earliest", &kh, p, err, errlen);
+    p->kc = kafka_consumer_new(base, cfg, p->group, p->topic, o->from_latest ? "latest" : "earliest", 0, &kh, p, err,
+                               errlen);
     if (!p->kc) {
         map_free(p->keys);
         free(p);

@@ -404,7 +404,7 @@ struct webhooks *webhooks_new(struct event_base *base, const struct config *cfg,
         }
         s += n + (s[n] == ',');
     }
-    wh->kp = kafka_producer_new(base, cfg, dlq_dr, err, errlen);
+    wh->kp = kafka_producer_new(base, cfg, 1, dlq_dr, err, errlen);
     if (!wh->kp)
         goto fail;
     kafka_producer_warm(wh->kp, cfg->topic_webhook_dlq);

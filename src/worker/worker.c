@@ -1423,7 +1423,7 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     w->base = base;
     w->cfg = cfg;
     w->keys = map_new();
-    w->kp = kafka_producer_new(base, cfg, worker_dr_cb, err, errlen);
+    w->kp = kafka_producer_new(base, cfg, cfg->response_linger_ms, worker_dr_cb, err, errlen);
     if (!w->kp)
         goto fail;
     kafka_producer_warm(w->kp, cfg->topic_responses);
@@ -1434,7 +1434,8 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
     static const struct notify_hooks nhooks = {on_notify, NULL};
     w->notify = notify_new(base, cfg, &nhooks, w, true);
     static const struct kafka_consumer_hooks hooks = {on_message, on_assign, on_revoke, room_cb};
-    w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, "earliest", &hooks, w, err, errlen);
+    w->kc = kafka_consumer_new(base, cfg, cfg->group_id, cfg->topic_prompts, "earliest", cfg->fetch_wait_ms, &hooks, w,
+                               err, errlen);
     if (!w->kc)
         goto fail;
     if (cfg->metrics_port > 0) {
