@@ -47,12 +47,14 @@ static const struct cfg_entry entries[] = {
       "how long a produce may wait for the broker's ack before the request fails (503)"),
     I("prompt-linger-ms", prompt_linger_ms, 0, 1000, "1",
       "the API batches prompts this long into one produce request per partition (adds up to this much to a 202)"),
-    I("response-linger-ms", response_linger_ms, 0, 1000, "2",
+    I("response-linger-ms", response_linger_ms, 0, 1000, "1",
       "the worker batches responses this long into one produce request per partition (fewer requests for the "
       "broker; a response is published up to this much later)"),
-    I("fetch-wait-ms", fetch_wait_ms, 0, 1000, "5",
-      "the worker reads prompts in fetches the broker answers every this many ms (or at 1 MiB), not one small "
-      "fetch per round trip; a prompt waits up to this much more. 0: an answer as soon as a prompt is there"),
+    I("fetch-wait-ms", fetch_wait_ms, 0, 1000, "0",
+      "> 0: the worker reads prompts in fetches the broker answers every this many ms (or at 1 MiB) instead of "
+      "one small fetch per round trip: about a quarter less broker CPU per prompt when busy, a prompt waits up to "
+      "this much more, and an idle worker then costs the broker about 10% of a core (5 ms). 0: an answer as soon "
+      "as a prompt is there, a long poll when there is none"),
     /* Redis */
     S("redis-host", redis_host, "127.0.0.1", "Redis host"),
     I("redis-port", redis_port, 1, 65535, "6379", "Redis port"),
