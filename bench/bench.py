@@ -336,6 +336,14 @@ class Bench:
             self.procs.stop(self.fake)
             self.fake = None
 
+    def redis_cmd(self, *args):
+        return subprocess.run(["redis-cli", "-p", str(self.redis_port)] + list(args), capture_output=True,
+                              text=True, timeout=60).stdout
+
+    def redis_forks(self):
+        m = re.search(r"^total_forks:(\d+)", self.redis_cmd("INFO", "stats"), re.M)
+        return int(m.group(1)) if m else None
+
     def flush_redis(self):
         """Each worker step starts from an empty Redis (a small dataset: no AOF rewrite of old steps' data)."""
         subprocess.run(["redis-cli", "-p", str(self.redis_port), "FLUSHALL"], capture_output=True, timeout=60)
@@ -850,12 +858,24 @@ class Bench:
 
         try:
             def http_steps():
-                paths = self.prep_poll_ids()
-                log("== 1. HTTP ceiling, submit and poll: maximum throughput (closed loop, %d connections)" %
-                    self.p["conns"])
-                self.http(paths)
-                log("== 2. latency at fixed offered rates (open loop)")
-                self.open_loop(paths)
+                # These steps store about 2 million conversations (1 h TTL). Redis' automatic AOF rewrite (a
+                # fork, then a child writing the whole dataset for seconds on the same 2 cores) would fall on
+                # whichever run happened to be going: off here, on again for the worker steps, which start
+                # from an empty Redis. Every write is still appended to the AOF and fsynced each second.
+                self.redis_cmd("CONFIG", "SET", "auto-aof-rewrite-percentage", "0")
+                forks = self.redis_forks()
+                try:
+                    paths = self.prep_poll_ids()
+                    log("== 1. HTTP ceiling, submit and poll: maximum throughput (closed loop, %d connections)" %
+                        self.p["conns"])
+                    self.http(paths)
+                    log("== 2. latency at fixed offered rates (open loop)")
+                    self.open_loop(paths)
+                finally:
+                    after = self.redis_forks()
+                    self.res["http_redis_forks"] = after - forks if None not in (after, forks) else None
+                    self.redis_cmd("CONFIG", "SET", "auto-aof-rewrite-percentage", "100")
+                    self.flush_redis()
 
             only = set(self.args.only.split(",")) if self.args.only else None
             if only is None or "http" in only:

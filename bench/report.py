@@ -440,6 +440,12 @@ def build(res, plots_rel):
       % fnum(p["poll_ids"]))
     w("- Every worker configuration uses fresh topics and a fresh consumer group; the worker is stopped with "
       "SIGKILL between steps (what it held is of no interest).")
+    forks = res.get("http_redis_forks")
+    w("- Redis: the HTTP steps store about 2 million conversations; its automatic AOF rewrite (a fork, then a "
+      "child writing the whole dataset for seconds on the same cores) is off during them, so that no run measures "
+      "when a rewrite happened to fall (every write is still appended and fsynced each second); forks during the "
+      "HTTP steps: %s. The worker, memory and CPU steps each start from an empty Redis, rewrite on."
+      % ("not recorded" if forks is None else fnum(forks)))
     w("- Descriptors: `ulimit -n` is raised to the hard limit (20,000 here), enough for 16,384 LLM calls or "
       "10,000 idle client connections per process.")
     analysis = os.path.join(REPO, "bench", "ANALYSIS.md")

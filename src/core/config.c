@@ -47,6 +47,10 @@ static const struct cfg_entry entries[] = {
       "how long a produce may wait for the broker's ack before the request fails (503)"),
     I("prompt-linger-ms", prompt_linger_ms, 0, 1000, "1",
       "the API batches prompts this long into one produce request per partition (adds up to this much to a 202)"),
+    I("prompt-sticky-ms", prompt_sticky_ms, 0, 10000, "10",
+      "new conversations get ids whose partition (of the prompts topic) is the same for this many ms, then "
+      "another: their prompts share produce requests (the broker pays per request). 0: each on a random "
+      "partition"),
     I("response-linger-ms", response_linger_ms, 0, 1000, "1",
       "the worker batches responses this long into one produce request per partition (fewer requests for the "
       "broker; a response is published up to this much later)"),

@@ -27,6 +27,7 @@ struct config {
     long replication;
     long produce_timeout_ms;
     long prompt_linger_ms;
+    long prompt_sticky_ms;
     long response_linger_ms;
     long fetch_wait_ms;
     /* Redis */

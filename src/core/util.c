@@ -10,7 +10,7 @@
 #include <sys/random.h>
 #include <time.h>
 
-static const char b64url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const char conv_id_alphabet[65] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 int conv_id_new(char *out)
 {
@@ -33,7 +33,7 @@ int conv_id_new(char *out)
     for (int i = 0, o = 0; i < 18 && o < CONV_ID_LEN; i += 3) {
         uint32_t v = (uint32_t)r[i] << 16 | (uint32_t)r[i + 1] << 8 | r[i + 2];
         for (int k = 3; k >= 0 && o < CONV_ID_LEN; k--)
-            out[o++] = b64url[(v >> (6 * k)) & 63];
+            out[o++] = conv_id_alphabet[(v >> (6 * k)) & 63];
     }
     out[CONV_ID_LEN] = '\0';
     memset(r, 0, 18); /* used once */

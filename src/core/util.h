@@ -9,6 +9,8 @@
 
 /* A conversation id: 128 bits from getrandom(2), base64url without padding: 22 characters. */
 #define CONV_ID_LEN 22
+/* The characters of an id (base64url). */
+extern const char conv_id_alphabet[65];
 /* Writes a new id and its NUL into out (at least CONV_ID_LEN + 1 bytes). Returns 0, -1 if no randomness. */
 int conv_id_new(char *out);
 /* True if s looks like an id we could have issued: 1..64 characters of [A-Za-z0-9_-]. Anything else cannot name

@@ -38,6 +38,8 @@ struct api {
     int port;
     int waiting;                          /* submits whose request is not answered yet */
     const struct timeval *submit_timeout; /* the request deadline as a common timeout of base */
+    int32_t sticky_part;                  /* new conversations' partition (submit.c, steer_conv_id) */
+    int64_t sticky_until_ms;              /* until then */
     bool stopping;                        /* no new long waits */
 };
 

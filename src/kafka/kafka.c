@@ -9,6 +9,7 @@
 #include <event2/event.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -100,6 +101,9 @@ struct kafka_producer {
     kafka_dr_cb *dr;
     bool up;
     rd_kafka_topic_t *warm[4]; /* topic handles held so their metadata stays known */
+    /* each warmed topic's partition count as librdkafka last partitioned a message with it (0: not yet, or
+     * another partitioner than murmur2_random was configured); written by whichever thread partitions */
+    _Atomic int32_t warm_cnt[4];
     int nwarm;
     /* readiness probe (see probe_cb); off unless kafka_producer_watch() was called */
     char probe_topic[256];
@@ -264,10 +268,48 @@ rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, 
                              RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
 }
 
+/* murmur2_random, noting the partition count it was given (topic opaque: the topic's warm_cnt slot). Called on
+ * the producing thread, or on librdkafka's for messages produced before the topic's metadata was known. */
+static int32_t counting_partitioner(const rd_kafka_topic_t *rkt, const void *key, size_t keylen, int32_t cnt,
+                                    void *rkt_opaque, void *msg_opaque)
+{
+    _Atomic int32_t *seen = rkt_opaque;
+    if (atomic_load_explicit(seen, memory_order_relaxed) != cnt)
+        atomic_store_explicit(seen, cnt, memory_order_relaxed);
+    return rd_kafka_msg_partitioner_murmur2_random(rkt, key, keylen, cnt, NULL, msg_opaque);
+}
+
 void kafka_producer_warm(struct kafka_producer *kp, const char *topic)
 {
-    if (kp->nwarm < (int)(sizeof kp->warm / sizeof kp->warm[0]))
-        kp->warm[kp->nwarm++] = rd_kafka_topic_new(kp->rk, topic, NULL); /* queries the leaders in the background */
+    if (kp->nwarm >= (int)(sizeof kp->warm / sizeof kp->warm[0]))
+        return;
+    int i = kp->nwarm++;
+    atomic_init(&kp->warm_cnt[i], 0);
+    /* The same partitioner with a count we can read (kafka_producer_partitions), unless -X chose another. */
+    rd_kafka_topic_conf_t *tc = rd_kafka_default_topic_conf_dup(kp->rk);
+    char name[64];
+    size_t len = sizeof name;
+    if (tc && rd_kafka_topic_conf_get(tc, "partitioner", name, &len) == RD_KAFKA_CONF_OK &&
+        !strcmp(name, "murmur2_random")) {
+        rd_kafka_topic_conf_set_opaque(tc, &kp->warm_cnt[i]);
+        rd_kafka_topic_conf_set_partitioner_cb(tc, counting_partitioner);
+    }
+    kp->warm[i] = rd_kafka_topic_new(kp->rk, topic, tc); /* queries the leaders in the background */
+    if (!kp->warm[i] && tc)
+        rd_kafka_topic_conf_destroy(tc);
+}
+
+int32_t kafka_producer_partitions(struct kafka_producer *kp, const char *topic)
+{
+    for (int i = 0; i < kp->nwarm; i++)
+        if (kp->warm[i] && !strcmp(rd_kafka_topic_name(kp->warm[i]), topic))
+            return atomic_load_explicit(&kp->warm_cnt[i], memory_order_relaxed);
+    return 0;
+}
+
+int32_t kafka_key_partition(const char *key, size_t keylen, int32_t cnt)
+{
+    return rd_kafka_msg_partitioner_murmur2_random(NULL, key, keylen, cnt, NULL, NULL);
 }
 
 void kafka_producer_watch(struct kafka_producer *kp, struct event_base *base, const char *topic)

@@ -38,6 +38,11 @@ rd_kafka_resp_err_t kafka_produce(struct kafka_producer *kp, const char *topic, 
                                   const void *value, size_t valuelen, rd_kafka_headers_t *hdrs, void *opaque);
 /* Looks up topic's metadata now rather than at the first produce (which would otherwise wait for it). */
 void kafka_producer_warm(struct kafka_producer *kp, const char *topic);
+/* A warmed topic's partition count as the producer last used it, or 0 before its first message (or when -X
+ * set a partitioner other than murmur2_random). Any thread. */
+int32_t kafka_producer_partitions(struct kafka_producer *kp, const char *topic);
+/* The partition the producer puts a message with this key in when the topic has cnt > 0 partitions. */
+int32_t kafka_key_partition(const char *key, size_t keylen, int32_t cnt);
 /* Probes the cluster every second (a DescribeConfigs of topic) while no delivery succeeded lately, so that
  * kafka_producer_up() is accurate even when nothing is produced. */
 void kafka_producer_watch(struct kafka_producer *kp, struct event_base *base, const char *topic);

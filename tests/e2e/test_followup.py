@@ -10,14 +10,15 @@ import pytest
 from conftest import assert_error, llm_answer, unique
 
 # Six partitions and a small in-flight limit, so that in the interleaved test many conversations share a
-# partition and prompts queue (per conversation, and for a slot) inside the worker.
+# partition and prompts queue (per conversation, and for a slot) inside the worker. New conversations on random
+# partitions (not sticky), so that they cover every partition.
 PARTITIONS = 6
 MAX_IN_FLIGHT = 8
 
 
 @pytest.fixture(scope="module")
 def node(cluster):
-    return cluster.start("all", partitions=PARTITIONS, max_in_flight=MAX_IN_FLIGHT)
+    return cluster.start("all", partitions=PARTITIONS, max_in_flight=MAX_IN_FLIGHT, prompt_sticky_ms=0)
 
 
 def history(prompts):
