@@ -683,6 +683,11 @@ class Bench:
         self.start_fake(lat)
         t = self.topics("l%d_%d" % (lat, inflight))
         self.start_worker(t, inflight)
+        # A new assignment's partitions join the worker's fetches one by one (librdkafka starts each when its
+        # offset is known) and the first fetch, naming only some, is a long poll of up to fetch.wait.max.ms
+        # (500 ms): a prompt arriving meanwhile in another partition waits for it (docs/WORKER.md, Fetching).
+        # That is start-up, not the added latency this step measures: the first prompt comes after that poll.
+        time.sleep(1.0)
         n = max(3, int(round(rate * p["live_dur"])))
         log("latency %d ms / %d in flight: producing %d prompts at %.1f/s" % (lat, inflight, n, rate))
         self.kbench("produce", "-t", t["p"], "-n", str(n), "-r", "%.3f" % rate, "--id-prefix", "l%d" % self.seq)
