@@ -346,7 +346,7 @@ class Bench:
 
     def flush_redis(self):
         """Each worker step starts from an empty Redis (a small dataset: no AOF rewrite of old steps' data)."""
-        subprocess.run(["redis-cli", "-p", str(self.redis_port), "FLUSHALL"], capture_output=True, timeout=60)
+        self.redis_cmd("FLUSHALL")
 
     def log_tail(self, name, n=20):
         try:

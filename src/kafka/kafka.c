@@ -294,9 +294,8 @@ void kafka_producer_warm(struct kafka_producer *kp, const char *topic)
         rd_kafka_topic_conf_set_opaque(tc, &kp->warm_cnt[i]);
         rd_kafka_topic_conf_set_partitioner_cb(tc, counting_partitioner);
     }
-    kp->warm[i] = rd_kafka_topic_new(kp->rk, topic, tc); /* queries the leaders in the background */
-    if (!kp->warm[i] && tc)
-        rd_kafka_topic_conf_destroy(tc);
+    /* queries the leaders in the background; tc is librdkafka's now, freed by it even on failure */
+    kp->warm[i] = rd_kafka_topic_new(kp->rk, topic, tc);
 }
 
 int32_t kafka_producer_partitions(struct kafka_producer *kp, const char *topic)
