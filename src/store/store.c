@@ -131,8 +131,28 @@ static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "if ARGV[4] ~= '1' then notify(ARGV[8], n, 'status') end\n" /* nobody can wait on a new conversation yet */
     "return n\n";
 
-/* A turn whose produce failed. ARGV: turn, is_new. */
-static const char LUA_REJECT[] = "local p = 't' .. ARGV[1] .. '.'\n"
+/* A turn whose produce failed. ARGV: turn, is_new, and for turn 0 (a submit lost with the connection: Redis may
+ * have run it, its reply never came) submitted_at, the prompt's length and its first PROMPT_HEAD bytes, which
+ * find the turn among the conversation's last 64 if it was stored. */
+static const char LUA_REJECT[] = "local t = ARGV[1]\n"
+                                 "if t == '0' then\n"
+                                 "  local last = tonumber(redis.call('HGET', KEYS[1], 'turns') or '0')\n"
+                                 "  local low = last - 63\n"
+                                 "  if low < 1 then low = 1 end\n"
+                                 "  t = nil\n"
+                                 "  for n = last, low, -1 do\n"
+                                 "    local q = 't' .. n .. '.'\n"
+                                 "    local f = redis.call('HMGET', KEYS[1], q .. 'submitted_at', q .. 'status', q .. "
+                                 "'prompt')\n"
+                                 "    if f[1] == ARGV[3] and f[2] == 'pending' and f[3] and string.len(f[3]) == "
+                                 "tonumber(ARGV[4]) and string.sub(f[3], 1, string.len(ARGV[5])) == ARGV[5] then\n"
+                                 "      t = tostring(n)\n"
+                                 "      break\n"
+                                 "    end\n"
+                                 "  end\n"
+                                 "  if not t then return 0 end\n"
+                                 "end\n"
+                                 "local p = 't' .. t .. '.'\n"
                                  "if redis.call('HGET', KEYS[1], p .. 'status') ~= 'pending' then return 0 end\n"
                                  "if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'turns') == '1' then\n"
                                  "  redis.call('DEL', KEYS[1])\n"
@@ -368,10 +388,21 @@ struct pubmark {
 
 #define PUBMARKS_MAX 256 /* marks per script call */
 
+#define PROMPT_HEAD 32 /* bytes of a lost submit's prompt kept to find its turn (LUA_REJECT, turn 0) */
+
+/* What finds a turn whose submit's outcome is unknown (turn 0 in a rejection). */
+struct lost_submit {
+    int64_t submitted_at;
+    size_t prompt_len;
+    size_t head_len;
+    char head[PROMPT_HEAD];
+};
+
 struct reject {
     struct reject *next;
     long turn;
     bool is_new;
+    struct lost_submit lost; /* turn 0 */
     char conv_id[72];
 };
 
@@ -408,6 +439,7 @@ struct op {
         store_verdict_cb *verdict;
     } cb;
     long turn;
+    struct lost_submit lost; /* OP_SUBMIT; OP_REJECT of turn 0 */
     char conv_id[72];
 };
 
@@ -1235,6 +1267,11 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
         op_free(op);
         return;
     }
+    if (!reply && op->kind == OP_SUBMIT && op->lost.submitted_at) {
+        /* Written, then the connection was lost: Redis may have stored the turn, and its client is told 503.
+         * Found by its time and prompt, it is marked rejected once Redis is back (nothing, if it was not run). */
+        reject_later(st, op, "connection lost with the submit's reply");
+    }
     if (!has_callback(op)) {
         if (reply && reply->type == REDIS_REPLY_ERROR)
             log_error("redis: %s", reply->str);
@@ -1521,6 +1558,37 @@ static void submit_new_plain(struct store *st, const char *key, const char *prom
     op_submit(st, op, b->data, ends, np);
 }
 
+/* What a rejection needs to find the submit's turn if the connection is lost before its reply. */
+static void submit_lost_fill(struct op *op, bool is_new, const struct turn_meta *meta, const char *prompt,
+                             size_t prompt_len)
+{
+    op->is_new = is_new;
+    op->lost.submitted_at = meta ? meta->submitted_at : 0;
+    op->lost.prompt_len = prompt_len;
+    op->lost.head_len = prompt_len < PROMPT_HEAD ? prompt_len : PROMPT_HEAD;
+    memcpy(op->lost.head, prompt, op->lost.head_len);
+}
+
+static void reject_send(struct store *st, const char *conv_id, long turn, bool is_new, const struct lost_submit *lost)
+{
+    KEYBUF(key, conv_id);
+    struct nums n;
+    nums_fill(&n, st, turn);
+    char at[24] = "0", plen[24] = "0";
+    if (!turn) {
+        fmt_i64(at, lost->submitted_at);
+        fmt_i64(plen, (int64_t)lost->prompt_len);
+    }
+    const char *argv[] = {key, n.turn, is_new ? "1" : "0", at, plen, turn ? "" : lost->head};
+    size_t lens[] = {NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, turn ? 0 : lost->head_len};
+    struct op *op = op_new(OP_REJECT, conv_id, NULL);
+    op->turn = turn;
+    op->is_new = is_new;
+    if (!turn)
+        op->lost = *lost;
+    EVAL(st, op, LUA_REJECT, 1, argv, lens);
+}
+
 void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
                   const struct turn_meta *meta, store_submit_cb *cb, void *arg)
 {
@@ -1532,6 +1600,7 @@ void store_submit(struct store *st, const char *conv_id, const char *prompt, siz
     if (is_new && !(meta && (meta->stream || meta->prev_turn > 0))) {
         struct op *op = op_new(OP_SUBMIT, conv_id, arg);
         op->cb.submit = cb;
+        submit_lost_fill(op, is_new, meta, prompt, prompt_len);
         submit_new_plain(st, key, prompt, prompt_len, meta, &n, op);
         return;
     }
@@ -1552,19 +1621,14 @@ void store_submit(struct store *st, const char *conv_id, const char *prompt, siz
     size_t lens[] = {NOLEN, prompt_len, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN, NOLEN};
     struct op *op = op_new(OP_SUBMIT, conv_id, arg);
     op->cb.submit = cb;
+    submit_lost_fill(op, is_new, meta, prompt, prompt_len);
     EVAL(st, op, LUA_SUBMIT, 1, argv, lens);
 }
 
 void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
 {
-    KEYBUF(key, conv_id);
-    struct nums n;
-    nums_fill(&n, st, turn);
-    const char *argv[] = {key, n.turn, is_new ? "1" : "0"};
-    struct op *op = op_new(OP_REJECT, conv_id, NULL);
-    op->turn = turn;
-    op->is_new = is_new;
-    EVAL(st, op, LUA_REJECT, 1, argv, NULL);
+    if (turn > 0)
+        reject_send(st, conv_id, turn, is_new, NULL);
 }
 
 /* A rejection that failed (not written, lost with the connection, or answered with an error: why) is written
@@ -1589,8 +1653,9 @@ static void reject_later(struct store *st, const struct op *op, const char *why)
                   op->turn, why);
     st->rejects_failing = true;
     struct reject *rj = xmalloc(sizeof *rj);
-    rj->turn = op->turn;
+    rj->turn = op->kind == OP_REJECT ? op->turn : 0;
     rj->is_new = op->is_new;
+    rj->lost = op->lost;
     snprintf(rj->conv_id, sizeof rj->conv_id, "%s", op->conv_id);
     rj->next = st->rejects;
     st->rejects = rj;
@@ -1619,7 +1684,7 @@ static void reject_retry_cb(evutil_socket_t fd, short what, void *arg)
     while (list) { /* a failure puts it back on st->rejects */
         struct reject *rj = list;
         list = rj->next;
-        store_reject(st, rj->conv_id, rj->turn, rj->is_new);
+        reject_send(st, rj->conv_id, rj->turn, rj->is_new, &rj->lost);
         free(rj);
     }
 }

@@ -1,0 +1,113 @@
+"""A submit whose reply is lost with the connection (src/store/store.c, LUA_REJECT with turn 0).
+
+Redis runs a submit, then the connection drops before its reply arrives (a Redis shut down gracefully closes
+its clients without flushing their replies; a network cut does the same). The API answers 503, since it cannot
+tell, but the turn is stored and pending: nobody would ever produce it, and it stayed pending until its TTL (seen
+in the chaos test). Now the store keeps the lost submit's time and prompt and, once Redis is back, marks that turn
+rejected (a new conversation is deleted), as it does for a produce that failed. A proxy between the API and Redis
+drops the connection when the reply to a submit comes back, which proves Redis ran it."""
+
+import select
+import socket
+import threading
+
+from conftest import REDIS_PORT, extra_port, unique, wait_for
+
+
+class DroppingProxy:
+    """Forwards 127.0.0.1:port to Redis. Once armed, the first connection that sends a submit (MULTI/EXEC or
+    EVALSHA) after arming is closed, both ways, when Redis' answer arrives: the answer is never delivered."""
+
+    def __init__(self):
+        self.port = extra_port()
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", self.port))
+        self.lsock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", REDIS_PORT))
+            threading.Thread(target=self._pump, args=(c, s), daemon=True).start()
+
+    def _pump(self, c, s):
+        submitted = False
+        try:
+            while True:
+                r, _, _ = select.select([c, s], [], [])
+                if c in r:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    if self.armed.is_set() and (b"EXEC" in data or b"EVALSHA" in data):
+                        submitted = True
+                    s.sendall(data)
+                if s in r:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if submitted:
+                        self.armed.clear()
+                        self.dropped.set()
+                        return
+                    c.sendall(data)
+        except OSError:
+            return
+        finally:
+            c.close()
+            s.close()
+
+    def close(self):
+        self.lsock.close()
+
+
+def conversations_with(redis, prompt):
+    """{key: hash} of the conversations one of whose turns has this prompt."""
+    out = {}
+    cursor = b"0"
+    while True:
+        cursor, keys = redis.command("SCAN", cursor, "MATCH", "asyncllm:conv:*", "COUNT", "1000")
+        for k in keys:
+            h = redis.hgetall(k)
+            if any(f.endswith(".prompt") and v == prompt for f, v in h.items()):
+                out[k.decode()] = h
+        if cursor == b"0":
+            return out
+
+
+def test_a_submit_lost_with_its_reply_is_rejected(cluster, redis):
+    proxy = DroppingProxy()
+    try:
+        api = cluster.start("api", redis_port=proxy.port)
+
+        # A new conversation: Redis stores it, its reply is lost, the client gets 503.
+        p1 = unique("new, reply lost")
+        proxy.armed.set()
+        r = api.submit_post(p1)
+        assert proxy.dropped.is_set(), "the proxy never dropped a submit's reply: the test proves nothing"
+        assert r.status == 503, r
+        # Deleted once the store is connected again (before the fix: stayed, t1 pending).
+        wait_for(lambda: not conversations_with(redis, p1), 15, "the lost new conversation to be deleted")
+
+        # A follow-up: its turn is marked rejected; the conversation and its accepted turn stay.
+        cid = api.submit(unique("first"))["conversation_id"]
+        proxy.dropped.clear()
+        p2 = unique("follow-up, reply lost")
+        proxy.armed.set()
+        r = api.submit_post(p2, cid)
+        assert proxy.dropped.is_set(), "the proxy never dropped the follow-up's reply"
+        assert r.status == 503, r
+        key = "asyncllm:conv:" + cid
+        wait_for(lambda: redis.hgetall(key).get("t2.status") == "rejected", 15, "turn 2 to be marked rejected")
+        h = redis.hgetall(key)
+        assert h["t2.prompt"] == p2 and h["t1.status"] == "pending", h
+        assert not api.proc.stop()
+    finally:
+        proxy.close()
