@@ -17,7 +17,8 @@ N = 30
 
 @pytest.fixture(scope="module")
 def api(cluster):
-    return cluster.start("api")
+    # New conversations on random partitions (not sticky for 10 ms): each batch must reach every partition.
+    return cluster.start("api", prompt_sticky_ms=0)
 
 
 def assigned_count(worker):
