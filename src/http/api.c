@@ -14,8 +14,6 @@
 #include "store/store.h"
 
 #include <event2/event.h>
-#include <event2/http.h>
-#include <event2/keyvalq_struct.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,11 +22,11 @@ void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t
 
 /* ---------------------------------------------------------------- helpers */
 
-void api_reply_unavailable(struct api *api, struct evhttp_request *req, const char *what)
+void api_reply_unavailable(struct api *api, struct http_req *req, const char *what)
 {
     char ra[24];
     snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s > 0 ? api->cfg->retry_after_s : 1);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", ra);
+    http_add_header(req, "Retry-After", ra);
     http_reply_error(req, 503, "service_unavailable", "service_unavailable", "%s; retry later", what);
 }
 
@@ -37,7 +35,7 @@ void api_polling_url(const struct api *api, const char *conv_id, char *out, size
     snprintf(out, len, "%s/polling?conversationId=%s", api->cfg->public_url, conv_id);
 }
 
-bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *prompt, size_t len)
+bool api_prompt_ok(struct http_req *req, const char *what, const char *prompt, size_t len)
 {
     if (!utf8_valid(prompt, len)) {
         http_reply_error(req, 400, "invalid_request_error", "invalid_utf8", "'%s' is not valid UTF-8", what);
@@ -50,7 +48,7 @@ bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *pro
     return true;
 }
 
-bool api_conv_id_ok(struct evhttp_request *req, const char *id)
+bool api_conv_id_ok(struct http_req *req, const char *id)
 {
     if (conv_id_valid(id, strlen(id)))
         return true;
@@ -59,7 +57,7 @@ bool api_conv_id_ok(struct evhttp_request *req, const char *id)
     return false;
 }
 
-bool api_callback_ok(struct evhttp_request *req, const char *url)
+bool api_callback_ok(struct http_req *req, const char *url)
 {
     size_t n = strlen(url);
     if (n <= 2048 && utf8_valid(url, n) && (strncmp(url, "http://", 7) == 0 || strncmp(url, "https://", 8) == 0) &&
@@ -70,14 +68,14 @@ bool api_callback_ok(struct evhttp_request *req, const char *url)
     return false;
 }
 
-static const char *idem_key(struct evhttp_request *req)
+static const char *idem_key(struct http_req *req)
 {
-    return evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
+    return http_header(req, "Idempotency-Key");
 }
 
 /* ---------------------------------------------------------------- /answer */
 
-static void answer_submit(struct api *api, struct evhttp_request *req, const char *prompt, size_t len, const char *conv,
+static void answer_submit(struct api *api, struct http_req *req, const char *prompt, size_t len, const char *conv,
                           const char *callback)
 {
     struct buf req_json; /* {"callback_url":...}: the member is also the Kafka message's extra */
@@ -100,7 +98,7 @@ static void answer_submit(struct api *api, struct evhttp_request *req, const cha
     buf_free(&req_json);
 }
 
-static void handle_answer_get(struct api *api, struct evhttp_request *req)
+static void handle_answer_get(struct api *api, struct http_req *req)
 {
     char *prompt = http_query(req, "prompt");
     char *conv = http_query(req, "conversationId");
@@ -118,7 +116,7 @@ static void handle_answer_get(struct api *api, struct evhttp_request *req)
     free(cb);
 }
 
-static void handle_answer_post(struct api *api, struct evhttp_request *req)
+static void handle_answer_post(struct api *api, struct http_req *req)
 {
     size_t len;
     const char *body = http_body(req, &len);
@@ -305,7 +303,7 @@ int api_conv_view_write(struct buf *b, const struct conv *conv)
     return 0;
 }
 
-void api_reply_poll(struct evhttp_request *req, const struct conv *conv)
+void api_reply_poll(struct http_req *req, const struct conv *conv)
 {
     struct buf b;
     buf_init(&b, SIZE_MAX / 2);
@@ -396,7 +394,7 @@ bool api_query_value(const char *query, const char *name, char *out, size_t size
 
 /* Query parameter name of req (query: its query string, or NULL), as http_query finds it: in buf when its
  * decoded value fits, else through http_query into *heap (the caller frees it). NULL if absent. */
-static const char *poll_param(struct evhttp_request *req, const char *query, const char *name, char *buf, size_t size,
+static const char *poll_param(struct http_req *req, const char *query, const char *name, char *buf, size_t size,
                               char **heap)
 {
     size_t full;
@@ -408,10 +406,9 @@ static const char *poll_param(struct evhttp_request *req, const char *query, con
     return *heap;
 }
 
-static void handle_polling(struct api *api, struct evhttp_request *req)
+static void handle_polling(struct api *api, struct http_req *req)
 {
-    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
-    const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
+    const char *query = http_query_string(req);
     char conv_buf[128], wait_buf[32], *conv_heap = NULL, *wait_heap = NULL;
     const char *conv = poll_param(req, query, "conversationId", conv_buf, sizeof conv_buf, &conv_heap);
     if (!conv)
@@ -439,7 +436,7 @@ static void handle_polling(struct api *api, struct evhttp_request *req)
 
 /* ---------------------------------------------------------------- routing */
 
-static void handle_readyz(struct api *api, struct evhttp_request *req)
+static void handle_readyz(struct api *api, struct http_req *req)
 {
     bool kafka = kafka_producer_up(api->kp), redis = store_connected(api->st);
     http_reply_json(req, kafka && redis ? 200 : 503,
@@ -447,36 +444,36 @@ static void handle_readyz(struct api *api, struct evhttp_request *req)
                               "redis", redis));
 }
 
-static void method_not_allowed(struct evhttp_request *req, const char *allow)
+static void method_not_allowed(struct http_req *req, const char *allow)
 {
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", allow);
+    http_add_header(req, "Allow", allow);
     http_reply_error(req, 405, "invalid_request_error", "method_not_allowed", "method not allowed; use %s", allow);
 }
 
-static void api_request_cb(struct evhttp_request *req, void *arg)
+static void api_request_cb(struct http_req *req, void *arg)
 {
     struct api *api = arg;
     const char *path = http_path(req);
-    enum evhttp_cmd_type m = evhttp_request_get_command(req);
+    enum http_method m = http_method(req);
     if (strcmp(path, "/answer") == 0) {
-        if (m == EVHTTP_REQ_GET)
+        if (m == HTTP_GET)
             handle_answer_get(api, req);
-        else if (m == EVHTTP_REQ_POST)
+        else if (m == HTTP_POST)
             handle_answer_post(api, req);
         else
             method_not_allowed(req, "GET, POST");
     } else if (strcmp(path, "/polling") == 0) {
-        if (m == EVHTTP_REQ_GET)
+        if (m == HTTP_GET)
             handle_polling(api, req);
         else
             method_not_allowed(req, "GET");
     } else if (strcmp(path, "/healthz") == 0) {
-        if (m == EVHTTP_REQ_GET)
+        if (m == HTTP_GET)
             http_reply_static(req, 200, "{\"status\":\"ok\"}\n");
         else
             method_not_allowed(req, "GET");
     } else if (strcmp(path, "/readyz") == 0) {
-        if (m == EVHTTP_REQ_GET)
+        if (m == HTTP_GET)
             handle_readyz(api, req);
         else
             method_not_allowed(req, "GET");
@@ -503,7 +500,8 @@ struct api *api_new(struct event_base *base, const struct config *cfg, int port,
     api->st = store_new(base, cfg);
     watch_init(api);
     api->http = http_server_new_shared(base, cfg, cfg->http_addr, port >= 0 ? port : (int)cfg->http_port,
-                                       api_request_cb, api, &api->port, &api->listener, port < 0, err, errlen);
+                                       api_request_cb, api, &api->port, port < 0, err, errlen);
+    api->listener = api->http != NULL;
     if (!api->http) {
         watch_free(api);
         store_free(api->st);
@@ -527,8 +525,8 @@ int api_pending(const struct api *api)
 void api_stop_listening(struct api *api)
 {
     if (api->listener) {
-        evhttp_del_accept_socket(api->http, api->listener);
-        api->listener = NULL;
+        http_server_stop_listening(api->http);
+        api->listener = false;
     }
     watch_close_all(api);
 }
@@ -545,6 +543,6 @@ void api_free(struct api *api)
     api->st = NULL;
     kafka_producer_free(api->kp, 5000);
     watch_free(api);
-    evhttp_free(api->http);
+    http_server_free(api->http);
     free(api);
 }

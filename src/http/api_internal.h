@@ -10,9 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-struct evhttp;
-struct evhttp_request;
-struct evhttp_bound_socket;
+struct http_server;
+struct http_req;
 struct event;
 struct kafka_producer;
 struct store;
@@ -27,8 +26,8 @@ struct buf;
 struct api {
     struct event_base *base;
     const struct config *cfg;
-    struct evhttp *http;
-    struct evhttp_bound_socket *listener; /* NULL once we stopped listening */
+    struct http_server *http;
+    bool listener; /* false once we stopped listening */
     struct kafka_producer *kp;
     struct store *st; /* NULL during shutdown, once closed */
     struct notify *notify;
@@ -46,13 +45,13 @@ struct api {
 /* ---- helpers (api.c) */
 
 /* 503 with Retry-After. */
-void api_reply_unavailable(struct api *api, struct evhttp_request *req, const char *what);
+void api_reply_unavailable(struct api *api, struct http_req *req, const char *what);
 /* 400 and false if prompt is not valid UTF-8 or blank. what names the field in the message. */
-bool api_prompt_ok(struct evhttp_request *req, const char *what, const char *prompt, size_t len);
+bool api_prompt_ok(struct http_req *req, const char *what, const char *prompt, size_t len);
 /* 400 and false if url is not an http(s) URL of at most 2048 bytes. */
-bool api_callback_ok(struct evhttp_request *req, const char *url);
+bool api_callback_ok(struct http_req *req, const char *url);
 /* 404 and false if id cannot name a conversation. */
-bool api_conv_id_ok(struct evhttp_request *req, const char *id);
+bool api_conv_id_ok(struct http_req *req, const char *id);
 /* The seed's /polling object for a conversation. */
 json_t *api_conv_view(const struct conv *conv);
 /* Appends the same object's compact JSON text to b, byte for byte what jsonw_append(api_conv_view(conv))
@@ -62,7 +61,7 @@ int api_conv_view_write(struct buf *b, const struct conv *conv);
 /* The view's "status" and (into *turn) "turn", without writing it. */
 const char *api_conv_poll_status(const struct conv *conv, long *turn);
 /* Answers 200 with conv's /polling view (written as text, or through jansson when the writer gives up). */
-void api_reply_poll(struct evhttp_request *req, const struct conv *conv);
+void api_reply_poll(struct http_req *req, const struct conv *conv);
 /* Finds parameter name in a query string as http_query would (libevent's rules, see api.c) without allocating:
  * writes its decoded value into out (NUL-terminated, cut at size - 1 bytes), its full decoded length into
  * *full_len, and returns true; false if absent or if libevent would refuse the query. */
@@ -94,7 +93,7 @@ struct submit_params {
 };
 
 /* Validated input only: starts the submit; the request is answered in every case. */
-void submit_start(struct api *api, struct evhttp_request *req, const struct submit_params *p);
+void submit_start(struct api *api, struct http_req *req, const struct submit_params *p);
 
 /* ---- waiting for changes (watch.c) */
 
@@ -103,16 +102,16 @@ void watch_init(struct api *api);
 void watch_close_all(struct api *api);
 void watch_free(struct api *api);
 /* Long poll: answers /polling for conv_id when its status changes or after wait_s seconds. */
-void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id, long wait_s);
+void watch_poll(struct api *api, struct http_req *req, const char *conv_id, long wait_s);
 /* Sync: answers the Response object of (conv_id, turn) once final, or as it is after sync-timeout-s. */
-void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id, long turn);
+void watch_sync(struct api *api, struct http_req *req, const char *conv_id, long turn);
 /* Stream: answers with Server-Sent Events of (conv_id, turn) after sequence number starting_after (-1: all). */
-void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_id, long turn, long starting_after);
+void watch_stream(struct api *api, struct http_req *req, const char *conv_id, long turn, long starting_after);
 
 /* ---- the OpenAI-compatible API (responses.c) */
 
 /* Handles /v1/... routes; returns false if path is not one of them. */
-bool responses_route(struct api *api, struct evhttp_request *req, const char *path);
+bool responses_route(struct api *api, struct http_req *req, const char *path);
 /* How a Response object shows its turn: as its create event does (status "queued", no output), as its
  * in_progress event does, or as the turn is now. */
 enum response_stage { RESPONSE_QUEUED, RESPONSE_IN_PROGRESS, RESPONSE_NOW };
@@ -124,7 +123,7 @@ int response_text(struct buf *b, const struct api *api, const struct conv *conv,
                   enum response_stage stage, json_t *req);
 /* Answers 200 with the Response object (see response_text). reqp: t->req parsed (borrowed), or NULL to parse
  * it here. */
-void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
+void response_reply(struct http_req *req, const struct api *api, const struct conv *conv, long turn,
                     const struct turn *t, enum response_stage stage, json_t *reqp);
 /* "resp_<conversation>_<turn>" */
 void response_id(char *out, size_t len, const char *conv_id, long turn);

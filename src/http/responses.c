@@ -28,8 +28,6 @@
 #include "store/store.h"
 
 #include <event2/buffer.h>
-#include <event2/http.h>
-#include <event2/keyvalq_struct.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -317,7 +315,7 @@ int response_text(struct buf *b, const struct api *api, const struct conv *conv,
     return rc ? -1 : 0;
 }
 
-void response_reply(struct evhttp_request *req, const struct api *api, const struct conv *conv, long turn,
+void response_reply(struct http_req *req, const struct api *api, const struct conv *conv, long turn,
                     const struct turn *t, enum response_stage stage, json_t *reqp)
 {
     json_t *parsed = !reqp && t->req ? jsonr_loadb(t->req, strlen(t->req), NULL) : NULL;
@@ -448,7 +446,7 @@ bool responses_sse(const struct api *api, const struct conv *conv, long turn, co
 }
 /* ---------------------------------------------------------------- create */
 
-static void bad(struct evhttp_request *req, const char *param, const char *code, const char *msg)
+static void bad(struct http_req *req, const char *param, const char *code, const char *msg)
 {
     http_reply_error_param(req, 400, "invalid_request_error", code, param, "%s", msg);
 }
@@ -483,7 +481,7 @@ static char *content_text(json_t *c, bool *unsupported)
 
 /* Normalises a list `input` to [{role, content: string}]. Answers 400 and returns NULL when it cannot. *last_user is
  * the index of the last user message. */
-static json_t *normalise_input(struct evhttp_request *req, json_t *input, size_t *last_user)
+static json_t *normalise_input(struct http_req *req, json_t *input, size_t *last_user)
 {
     if (!json_is_array(input) || json_array_size(input) == 0) {
         bad(req, "input", "invalid_input", "'input' must be a non-empty string or a non-empty list of messages");
@@ -551,7 +549,7 @@ static bool null_or(json_t *v, bool ok)
 /* The checks of the parameters (but input's), in the order their errors are reported. Answers 400 (or 404 for
  * a previous response that cannot be ours) and returns false on the first that fails; else fills conv and
  * *prev_turn when previous_response_id is given. */
-static bool create_params_ok(struct evhttp_request *req, const struct req_params *cr, char *conv, size_t convlen,
+static bool create_params_ok(struct http_req *req, const struct req_params *cr, char *conv, size_t convlen,
                              long *prev_turn)
 {
     json_t *mot = cr->max_output_tokens, *md = cr->metadata;
@@ -592,7 +590,7 @@ static bool create_params_ok(struct evhttp_request *req, const struct req_params
 }
 
 /* 400 and false unless metadata's values are strings within OpenAI's limits. */
-static bool metadata_ok(struct evhttp_request *req, json_t *metadata)
+static bool metadata_ok(struct http_req *req, json_t *metadata)
 {
     const char *key;
     json_t *mv;
@@ -670,7 +668,7 @@ static void write_extra(struct buf *b, const struct req_params *cr, const char *
 }
 
 /* The body as a JSON object, or NULL once answered 413 or 400. */
-static json_t *create_body(struct api *api, struct evhttp_request *req)
+static json_t *create_body(struct api *api, struct http_req *req)
 {
     size_t len;
     const char *body = http_body(req, &len);
@@ -698,7 +696,7 @@ static json_t *create_body(struct api *api, struct evhttp_request *req)
 
 /* Validated: hands the turn to submit.c. content: the last user message's text; norm: the input as a list, or
  * NULL when it was a string. The request's parameters are written as text once, for Redis and for Kafka. */
-static void create_submit(struct api *api, struct evhttp_request *req, json_t *root, const struct req_params *cr,
+static void create_submit(struct api *api, struct http_req *req, json_t *root, const struct req_params *cr,
                           json_t *content, json_t *norm, const char *conv, long prev_turn)
 {
     bool stream = json_is_true(cr->stream), background = json_is_true(cr->background);
@@ -717,7 +715,7 @@ static void create_submit(struct api *api, struct evhttp_request *req, json_t *r
         .extra = extra.len ? extra.data + 1 : NULL, /* past the first comma */
         .extra_len = extra.len ? extra.len - 1 : 0,
         .req_obj = root,
-        .idem_key = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key"),
+        .idem_key = http_header(req, "Idempotency-Key"),
         .mode = stream       ? SUBMIT_STREAM
                 : background ? SUBMIT_BACKGROUND
                              : SUBMIT_SYNC,
@@ -728,7 +726,7 @@ static void create_submit(struct api *api, struct evhttp_request *req, json_t *r
     buf_free(&rj);
 }
 
-static void handle_create(struct api *api, struct evhttp_request *req)
+static void handle_create(struct api *api, struct http_req *req)
 {
     json_t *root = create_body(api, req);
     if (!root)
@@ -764,7 +762,7 @@ static void handle_create(struct api *api, struct evhttp_request *req)
 
 struct op_ctx {
     struct api *api;
-    struct evhttp_request *req;
+    struct http_req *req;
     char conv[72];
     long turn;
     bool cancel;   /* cancel: answer the object after; else delete */
@@ -795,7 +793,7 @@ static void announce_cancel(struct api *api, const struct conv *conv, long turn,
     json_decref(m);
 }
 
-static void not_found(struct evhttp_request *req, const char *id)
+static void not_found(struct http_req *req, const char *id)
 {
     http_reply_error(req, 404, "invalid_request_error", "response_not_found", "no response with id '%s'", id);
 }
@@ -840,10 +838,10 @@ static void changed_cb(void *arg, int rc)
     free(c);
 }
 
-static long starting_after(struct evhttp_request *req)
+static long starting_after(struct http_req *req)
 {
     char *q = http_query(req, "starting_after");
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Last-Event-ID");
+    const char *h = http_header(req, "Last-Event-ID");
     const char *s = q ? q : h;
     long v = -1;
     if (s) {
@@ -857,9 +855,9 @@ static long starting_after(struct evhttp_request *req)
 }
 
 /* Handles /v1/responses/{id}[/cancel]. */
-static void handle_one(struct api *api, struct evhttp_request *req, const char *rest)
+static void handle_one(struct api *api, struct http_req *req, const char *rest)
 {
-    enum evhttp_cmd_type m = evhttp_request_get_command(req);
+    enum http_method m = http_method(req);
     char id[160];
     const char *slash = strchr(rest, '/');
     size_t idlen = slash ? (size_t)(slash - rest) : strlen(rest);
@@ -878,9 +876,9 @@ static void handle_one(struct api *api, struct evhttp_request *req, const char *
         not_found(req, id);
         return;
     }
-    if (cancel ? m != EVHTTP_REQ_POST : (m != EVHTTP_REQ_GET && m != EVHTTP_REQ_DELETE)) {
+    if (cancel ? m != HTTP_POST : (m != HTTP_GET && m != HTTP_DELETE)) {
         free(c);
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", cancel ? "POST" : "GET, DELETE");
+        http_add_header(req, "Allow", cancel ? "POST" : "GET, DELETE");
         http_reply_error(req, 405, "invalid_request_error", "method_not_allowed", "method not allowed; use %s",
                          cancel ? "POST" : "GET or DELETE");
         return;
@@ -893,7 +891,7 @@ static void handle_one(struct api *api, struct evhttp_request *req, const char *
     if (cancel) {
         c->cancel = true;
         store_cancel(api->st, c->conv, c->turn, changed_cb, c);
-    } else if (m == EVHTTP_REQ_DELETE) {
+    } else if (m == HTTP_DELETE) {
         store_delete(api->st, c->conv, c->turn, changed_cb, c);
     } else {
         char *stream = http_query(req, "stream");
@@ -908,13 +906,13 @@ static void handle_one(struct api *api, struct evhttp_request *req, const char *
     }
 }
 
-bool responses_route(struct api *api, struct evhttp_request *req, const char *path)
+bool responses_route(struct api *api, struct http_req *req, const char *path)
 {
     if (strcmp(path, "/v1/responses") == 0) {
-        if (evhttp_request_get_command(req) == EVHTTP_REQ_POST) {
+        if (http_method(req) == HTTP_POST) {
             handle_create(api, req);
         } else {
-            evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "POST");
+            http_add_header(req, "Allow", "POST");
             http_reply_error(req, 405, "invalid_request_error", "method_not_allowed", "method not allowed; use POST");
         }
         return true;

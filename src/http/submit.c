@@ -4,8 +4,8 @@
  * that will call back (a Redis command, a Kafka delivery report), plus one while the HTTP request is
  * unanswered. The request deadline answers 503 and drops the request's reference; a late callback then finds
  * sub->req == NULL, finishes its bookkeeping (rejecting the turn if the produce failed) and drops its own.
- * libevent keeps an unanswered request alive even if the client goes away (evhttp detaches it from the dead
- * connection and frees it when we reply), so sub->req stays valid until we answer.
+ * The HTTP server keeps an unanswered request alive even if the client goes away (it detaches it from the dead
+ * connection; our answer frees it), so sub->req stays valid until we answer.
  *
  * Idempotency. With an Idempotency-Key header, the key (scoped by route and by a hash of the Authorization
  * header) is claimed in Redis for 24 h before anything else; a repeat finds "<conversation> <turn>" there and
@@ -22,8 +22,6 @@
 
 #include <event2/event.h>
 #include <event2/event_struct.h>
-#include <event2/http.h>
-#include <event2/keyvalq_struct.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +30,7 @@
 
 struct submit {
     struct api *api;
-    struct evhttp_request *req; /* NULL once answered */
+    struct http_req *req; /* NULL once answered */
     int refs;
     struct event deadline; /* on the API's common timeout: no allocation, O(1) */
     enum submit_mode mode;
@@ -69,9 +67,9 @@ static void submit_release(struct submit *sub)
 }
 
 /* Takes sub->req: after this, the request is answered by the caller and forgotten here. */
-static struct evhttp_request *submit_take_req(struct submit *sub)
+static struct http_req *submit_take_req(struct submit *sub)
 {
-    struct evhttp_request *req = sub->req;
+    struct http_req *req = sub->req;
     if (!req)
         return NULL;
     sub->req = NULL;
@@ -96,7 +94,7 @@ static void submit_deadline_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct submit *sub = arg;
     sub->refs++; /* keep sub alive across submit_take_req */
-    struct evhttp_request *req = submit_take_req(sub);
+    struct http_req *req = submit_take_req(sub);
     if (req)
         api_reply_unavailable(sub->api, req, "the request passed its deadline waiting for Kafka or Redis");
     submit_release(sub);
@@ -105,7 +103,7 @@ static void submit_deadline_cb(evutil_socket_t fd, short what, void *arg)
 static void submit_fail(struct submit *sub, int code, const char *errcode, const char *msg)
 {
     idem_release(sub);
-    struct evhttp_request *req = submit_take_req(sub);
+    struct http_req *req = submit_take_req(sub);
     if (!req)
         return;
     if (code == 503)
@@ -118,7 +116,7 @@ static void submit_fail(struct submit *sub, int code, const char *errcode, const
 
 struct load_ctx {
     struct api *api;
-    struct evhttp_request *req;
+    struct http_req *req;
     long turn;
 };
 
@@ -136,14 +134,13 @@ static void background_loaded_cb(void *arg, int rc, const struct conv *conv)
 }
 
 /* POST /answer's 202, written without jansson. */
-static void answer_202(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
+static void answer_202(struct api *api, struct http_req *req, const char *conv_id, long turn)
 {
     char url[1024], ra[24];
     api_polling_url(api, conv_id, url, sizeof url);
     snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Location", url);
-    evhttp_add_header(h, "Retry-After", ra);
+    http_add_header(req, "Location", url);
+    http_add_header(req, "Retry-After", ra);
     struct buf b;
     buf_init(&b, 4096);
     buf_append_lit(&b, "{\"conversation_id\":");
@@ -157,7 +154,7 @@ static void answer_202(struct api *api, struct evhttp_request *req, const char *
 
 /* The route's answer once (conv_id, turn) is queued. sub: the submit that queued it, or NULL for a repeat
  * (an Idempotency-Key seen before), which reads the turn back from Redis. */
-static void answer_accepted(struct api *api, struct evhttp_request *req, const char *conv_id, long turn,
+static void answer_accepted(struct api *api, struct http_req *req, const char *conv_id, long turn,
                             enum submit_mode mode, const struct submit *sub)
 {
     switch (mode) {
@@ -203,7 +200,7 @@ static void submit_produced(struct submit *sub, bool ok, const char *why)
     } else if (!ok) {
         idem_release(sub);
     }
-    struct evhttp_request *req = submit_take_req(sub);
+    struct http_req *req = submit_take_req(sub);
     if (!req) {
         if (ok)
             log_warn("conversation %s turn %ld was accepted by Kafka after its request timed out", sub->conv_id,
@@ -250,7 +247,7 @@ static void submit_stored_cb(void *arg, int rc, long turn)
     struct api *api = sub->api;
     if ((rc == STORE_ENOTFOUND || rc == STORE_ENOPREV) && sub->mode != SUBMIT_ANSWER) {
         idem_release(sub);
-        struct evhttp_request *req = submit_take_req(sub);
+        struct http_req *req = submit_take_req(sub);
         if (req) {
             char rid[112];
             response_id(rid, sizeof rid, sub->conv_id, sub->prev_turn);
@@ -320,7 +317,7 @@ static void idem_claimed_cb(void *arg, int rc, const char *value)
         submit_fail(sub, 409, "idempotency_key_in_use",
                     "a request with this Idempotency-Key is still being processed; retry later");
     } else {
-        struct evhttp_request *req = submit_take_req(sub);
+        struct http_req *req = submit_take_req(sub);
         if (req)
             answer_accepted(api, req, conv, turn, sub->mode, NULL);
     }
@@ -328,9 +325,9 @@ static void idem_claimed_cb(void *arg, int rc, const char *value)
 }
 
 /* The Redis key for an idempotency key: per route and per caller (a hash of the Authorization header). */
-static char *idem_redis_key(struct evhttp_request *req, const char *key, enum submit_mode mode)
+static char *idem_redis_key(struct http_req *req, const char *key, enum submit_mode mode)
 {
-    const char *auth = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    const char *auth = http_header(req, "Authorization");
     uint64_t h = 0xcbf29ce484222325ULL;
     for (const char *p = auth ? auth : ""; *p; p++)
         h = (h ^ (unsigned char)*p) * 0x100000001b3ULL;
@@ -366,7 +363,7 @@ static void steer_conv_id(struct api *api, char *id, int64_t now)
     id[CONV_ID_LEN - 1] = drawn;
 }
 
-void submit_start(struct api *api, struct evhttp_request *req, const struct submit_params *p)
+void submit_start(struct api *api, struct http_req *req, const struct submit_params *p)
 {
     if (p->idem_key && (strlen(p->idem_key) == 0 || strlen(p->idem_key) > 1024)) {
         http_reply_error(req, 400, "invalid_request_error", "invalid_idempotency_key",

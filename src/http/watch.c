@@ -9,8 +9,9 @@
  * connection is down, a 5 s timer also wakes every waiter.
  *
  * Lifetimes. A waiter holds its request until it answers. A stream that started its reply is tied to its
- * connection: when the client goes away, libevent calls the close callback and frees the request, so the
- * waiter forgets it at once. A waiter with a Redis read in flight (busy) is freed when that read answers.
+ * connection: when the client goes away, the server calls the close callback, which ends the stream (freeing
+ * the request) and forgets the waiter at once. A waiter with a Redis read in flight (busy) is freed when that read
+ * answers.
  *
  * A poll without wait (the common one) is no waiter: one read and its answer, none of the above. */
 #include "http/api_internal.h"
@@ -25,8 +26,6 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <event2/http.h>
-#include <event2/keyvalq_struct.h>
 #include <assert.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +44,7 @@ struct watch_list {
 struct watch {
     struct api *api;
     enum watch_kind kind;
-    struct evhttp_request *req;  /* NULL once answered, or once a streaming client left */
+    struct http_req *req;        /* NULL once answered, or once a streaming client left */
     struct watch_list *list;     /* NULL once unlinked */
     struct watch *prev, *next;   /* on list */
     struct watch *gprev, *gnext; /* on api->watch_all */
@@ -127,7 +126,7 @@ static void watch_done(struct watch *w)
         free(w);
 }
 
-static struct watch *watch_new(struct api *api, enum watch_kind kind, struct evhttp_request *req, const char *conv_id,
+static struct watch *watch_new(struct api *api, enum watch_kind kind, struct http_req *req, const char *conv_id,
                                long turn)
 {
     struct watch *w = xcalloc(1, sizeof *w);
@@ -166,7 +165,7 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
         free(w);
         return;
     }
-    struct evhttp_request *req = w->req;
+    struct http_req *req = w->req;
     if (rc == STORE_ENOTFOUND) {
         http_reply_error(req, 404, "invalid_request_error",
                          w->kind == W_POLL ? "conversation_not_found" : "response_not_found", "no such %s",
@@ -219,7 +218,7 @@ static void loaded_cb(void *arg, int rc, const struct conv *conv)
  * whose client left is still ours to answer (libevent then frees it). */
 struct poll_once {
     struct api *api;
-    struct evhttp_request *req;
+    struct http_req *req;
 };
 
 static void poll_once_cb(void *arg, int rc, const struct conv *conv)
@@ -234,7 +233,7 @@ static void poll_once_cb(void *arg, int rc, const struct conv *conv)
     free(po);
 }
 
-void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id, long wait_s)
+void watch_poll(struct api *api, struct http_req *req, const char *conv_id, long wait_s)
 {
     if (api->stopping)
         wait_s = 0;
@@ -254,7 +253,7 @@ void watch_poll(struct api *api, struct evhttp_request *req, const char *conv_id
     wake(w);
 }
 
-void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id, long turn)
+void watch_sync(struct api *api, struct http_req *req, const char *conv_id, long turn)
 {
     struct watch *w = watch_new(api, W_SYNC, req, conv_id, turn);
     arm(w, api->cfg->sync_timeout_s, finish_timer_cb, false);
@@ -263,25 +262,19 @@ void watch_sync(struct api *api, struct evhttp_request *req, const char *conv_id
 
 /* ---------------------------------------------------------------- streams */
 
-static void stream_closed_cb(struct evhttp_connection *evcon, void *arg)
+static void stream_closed_cb(struct http_req *req, void *arg)
 {
-    (void)evcon;
     struct watch *w = arg;
     log_debug("stream of %s turn %ld: client gone", w->conv_id, w->turn);
-    /* libevent detaches an unfinished request from a failed connection and leaves it to its owner: ending
-     * the reply frees it. (A request still attached is freed by libevent itself.) */
-    if (w->req && !evhttp_request_get_connection(w->req))
-        evhttp_send_reply_end(w->req);
+    http_stream_end(req); /* frees the request (its answer goes nowhere) */
     watch_done(w);
 }
 
 static void stream_end(struct watch *w)
 {
-    struct evhttp_request *req = w->req;
-    if (req && w->streaming) {
-        evhttp_connection_set_closecb(evhttp_request_get_connection(req), NULL, NULL);
-        evhttp_send_reply_end(req);
-    }
+    struct http_req *req = w->req;
+    if (req && w->streaming)
+        http_stream_end(req);
     watch_done(w);
 }
 
@@ -292,10 +285,7 @@ static void keepalive_cb(evutil_socket_t fd, short what, void *arg)
     struct watch *w = arg;
     if (!w->req || !w->streaming)
         return;
-    struct evbuffer *b = evbuffer_new();
-    evbuffer_add_printf(b, ": keep-alive\n\n");
-    evhttp_send_reply_chunk(w->req, b);
-    evbuffer_free(b);
+    http_stream_write(w->req, ": keep-alive\n\n", 14);
 }
 
 static void events_cb(void *arg, int rc, const struct conv *conv, const struct turn_event *events, size_t n)
@@ -306,7 +296,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
         free(w);
         return;
     }
-    struct evhttp_request *req = w->req;
+    struct http_req *req = w->req;
     const struct turn *t = rc == STORE_OK && w->turn >= 1 && w->turn <= conv->nturns ? &conv->turn[w->turn] : NULL;
     if (!w->streaming) {
         if (rc != STORE_OK && rc != STORE_ENOTFOUND) {
@@ -325,12 +315,10 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
             watch_done(w);
             return;
         }
-        struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-        evhttp_add_header(h, "Content-Type", "text/event-stream");
-        evhttp_add_header(h, "Cache-Control", "no-cache");
-        evhttp_add_header(h, "X-Accel-Buffering", "no");
-        evhttp_send_reply_start(req, 200, "OK");
-        evhttp_connection_set_closecb(evhttp_request_get_connection(req), stream_closed_cb, w);
+        http_add_header(req, "Content-Type", "text/event-stream");
+        http_add_header(req, "Cache-Control", "no-cache");
+        http_add_header(req, "X-Accel-Buffering", "no");
+        http_stream_start(req, 200, stream_closed_cb, w);
         w->streaming = true;
         arm(w, KEEPALIVE_S, keepalive_cb, true);
     }
@@ -343,7 +331,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
     if (n)
         w->after_entry = events[n - 1].seq;
     if (evbuffer_get_length(out))
-        evhttp_send_reply_chunk(req, out);
+        http_stream_write(req, (const char *)evbuffer_pullup(out, -1), evbuffer_get_length(out));
     evbuffer_free(out);
     if (last || w->finishing) {
         stream_end(w);
@@ -355,7 +343,7 @@ static void events_cb(void *arg, int rc, const struct conv *conv, const struct t
     }
 }
 
-void watch_stream(struct api *api, struct evhttp_request *req, const char *conv_id, long turn, long starting_after)
+void watch_stream(struct api *api, struct http_req *req, const char *conv_id, long turn, long starting_after)
 {
     struct watch *w = watch_new(api, W_STREAM, req, conv_id, turn);
     w->starting_after = starting_after;
@@ -454,7 +442,7 @@ void watch_free(struct api *api)
         if (w->req && !w->streaming)
             api_reply_unavailable(api, w->req, "the server is shutting down");
         else if (w->req)
-            evhttp_connection_set_closecb(evhttp_request_get_connection(w->req), NULL, NULL);
+            http_stream_end(w->req);
         assert(!w->busy); /* the store is closed first: every read has answered */
         watch_done(w);
     }

@@ -34,7 +34,6 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <event2/http.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -98,7 +97,7 @@ struct exec {
     struct party *party;
     struct kafka_producer *kp;
     struct store *st;
-    struct evhttp *metrics;
+    struct http_server *metrics;
     struct event *sigchld, *restart_ev;
     struct proc *procs; /* every process not yet reaped */
     struct proc *hook;  /* long-running: the current instance, NULL while restarting */
@@ -838,7 +837,7 @@ static void abandon(void *ctx, struct party *p, struct party_msg *m)
 
 /* ---------------------------------------------------------------- role */
 
-static void metrics_cb(struct evhttp_request *req, void *arg)
+static void metrics_cb(struct http_req *req, void *arg)
 {
     struct exec *ex = arg;
     struct party_stats s;
@@ -856,8 +855,8 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
     metric_counter(out, "asyncllm_exec_dead_lettered_total", "messages dead-lettered", (double)ex->dead_lettered);
     metric_counter(out, "asyncllm_exec_timeouts_total", "commands killed for taking too long", (double)ex->timeouts);
     metric_counter(out, "asyncllm_exec_restarts_total", "long-running command restarts", (double)ex->restarts);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
-    evhttp_send_reply(req, 200, "OK", out);
+    size_t len = evbuffer_get_length(out);
+    http_reply(req, 200, "text/plain; version=0.0.4", len ? (const char *)evbuffer_pullup(out, -1) : "", len);
     evbuffer_free(out);
 }
 
@@ -931,10 +930,9 @@ struct exec *exec_new(struct event_base *base, const struct config *cfg, char *c
         goto fail;
     if (cfg->metrics_port > 0) {
         int port;
-        struct evhttp_bound_socket *bs;
         char merr[256];
-        ex->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, ex, &port, &bs,
-                                      merr, sizeof merr);
+        ex->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, ex, &port, merr,
+                                      sizeof merr);
         if (!ex->metrics)
             log_error("no metrics server: %s", merr);
     }
@@ -969,7 +967,7 @@ void exec_free(struct exec *ex)
     if (!ex)
         return;
     if (ex->metrics)
-        evhttp_free(ex->metrics);
+        http_server_free(ex->metrics);
     party_free(ex->party); /* abandons what runs */
     /* The long-running command gets end of file and 2 s to exit; per-message ones were killed by abandon. */
     while (ex->procs) {

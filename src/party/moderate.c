@@ -28,7 +28,6 @@
 #include <curl/curl.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <event2/http.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,7 +41,7 @@ struct moderate {
     struct store *st;
     struct llm *llm;
     struct screen_words *words;
-    struct evhttp *metrics;
+    struct http_server *metrics;
     unsigned long checked, flagged, published, duplicates, skipped, api_errors;
 };
 
@@ -468,7 +467,7 @@ void moderation_metadata(json_t *metadata, const char *verdict)
 
 /* ---------------------------------------------------------------- role */
 
-static void metrics_cb(struct evhttp_request *req, void *arg)
+static void metrics_cb(struct http_req *req, void *arg)
 {
     struct moderate *md = arg;
     struct party_stats s;
@@ -485,8 +484,8 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
                    (double)md->duplicates);
     metric_counter(out, "asyncllm_moderate_skipped_total", "messages without an answer to check", (double)md->skipped);
     metric_counter(out, "asyncllm_moderate_api_errors_total", "failed moderation API calls", (double)md->api_errors);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
-    evhttp_send_reply(req, 200, "OK", out);
+    size_t len = evbuffer_get_length(out);
+    http_reply(req, 200, "text/plain; version=0.0.4", len ? (const char *)evbuffer_pullup(out, -1) : "", len);
     evbuffer_free(out);
 }
 
@@ -522,10 +521,9 @@ struct moderate *moderate_new(struct event_base *base, const struct config *cfg,
         goto fail;
     if (cfg->metrics_port > 0) {
         int port;
-        struct evhttp_bound_socket *bs;
         char merr[256];
-        md->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, md, &port, &bs,
-                                      merr, sizeof merr);
+        md->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, md, &port, merr,
+                                      sizeof merr);
         if (!md->metrics)
             log_error("no metrics server: %s", merr);
     }
@@ -551,7 +549,7 @@ void moderate_free(struct moderate *md)
     if (!md)
         return;
     if (md->metrics)
-        evhttp_free(md->metrics);
+        http_server_free(md->metrics);
     party_free(md->party);             /* abandons what runs: calls and timers cancelled */
     store_free(md->st);                /* answers pending Redis commands: abandoned messages are freed */
     kafka_producer_free(md->kp, 5000); /* the last delivery reports, likewise */

@@ -32,7 +32,6 @@
 #include <curl/curl.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <event2/http.h>
 #include <jansson.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -47,7 +46,7 @@ struct webhooks {
     struct party *party;
     struct kafka_producer *kp;
     struct llm *llm;
-    struct evhttp *metrics;
+    struct http_server *metrics;
     unsigned char key[256];
     int keylen;
     char *urls[MAX_URLS];
@@ -363,7 +362,7 @@ static void abandon(void *ctx, struct party *p, struct party_msg *m)
 
 /* ---------------------------------------------------------------- role */
 
-static void metrics_cb(struct evhttp_request *req, void *arg)
+static void metrics_cb(struct http_req *req, void *arg)
 {
     struct webhooks *wh = arg;
     struct party_stats s;
@@ -375,8 +374,8 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
     metric_counter(out, "asyncllm_webhooks_retried_total", "delivery attempts retried", (double)wh->retried);
     metric_counter(out, "asyncllm_webhooks_dead_lettered_total", "deliveries dead-lettered", (double)wh->dead_lettered);
     metric_counter(out, "asyncllm_webhooks_gone_total", "deliveries stopped by 410 Gone", (double)wh->gone_count);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
-    evhttp_send_reply(req, 200, "OK", out);
+    size_t len = evbuffer_get_length(out);
+    http_reply(req, 200, "text/plain; version=0.0.4", len ? (const char *)evbuffer_pullup(out, -1) : "", len);
     evbuffer_free(out);
 }
 
@@ -419,10 +418,9 @@ struct webhooks *webhooks_new(struct event_base *base, const struct config *cfg,
         goto fail;
     if (cfg->metrics_port > 0) {
         int port;
-        struct evhttp_bound_socket *bs;
         char merr[256];
-        wh->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, wh, &port, &bs,
-                                      merr, sizeof merr);
+        wh->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, wh, &port, merr,
+                                      sizeof merr);
         if (!wh->metrics)
             log_error("no metrics server: %s", merr);
     }
@@ -448,7 +446,7 @@ void webhooks_free(struct webhooks *wh)
     if (!wh)
         return;
     if (wh->metrics)
-        evhttp_free(wh->metrics);
+        http_server_free(wh->metrics);
     party_free(wh->party);             /* abandons what runs: calls and timers cancelled */
     kafka_producer_free(wh->kp, 5000); /* the last dead letters */
     llm_free(wh->llm);

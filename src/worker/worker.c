@@ -34,7 +34,6 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <event2/http.h>
 #include <assert.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -154,7 +153,7 @@ struct worker {
     rd_kafka_topic_partition_list_t *revoking; /* a revocation waiting for in-flight work */
     void (*on_drained)(void *);
     void *drained_arg;
-    struct evhttp *metrics;
+    struct http_server *metrics;
     /* counters for /metrics */
     unsigned long completed, failed, retried, llm_calls, dead_lettered, redelivered_done, cancelled;
     struct hist llm_latency;
@@ -1308,7 +1307,7 @@ static void on_notify(void *arg, const char *conv_id, long turn, const char *wha
 
 /* ---------------------------------------------------------------- metrics */
 
-static void metrics_cb(struct evhttp_request *req, void *arg)
+static void metrics_cb(struct http_req *req, void *arg)
 {
     struct worker *w = arg;
     if (strcmp(http_path(req), "/healthz") == 0) {
@@ -1361,8 +1360,8 @@ static void metrics_cb(struct evhttp_request *req, void *arg)
     metric_gauge(out, "asyncllm_worker_paused_partitions",
                  "partitions not read: max-buffered prompts held (backpressure) or shutting down",
                  (w->paused || w->buffered >= w->cfg->max_buffered) && w->assignment ? (double)w->assignment->cnt : 0);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "text/plain; version=0.0.4");
-    evhttp_send_reply(req, 200, "OK", out);
+    size_t len = evbuffer_get_length(out);
+    http_reply(req, 200, "text/plain; version=0.0.4", len ? (const char *)evbuffer_pullup(out, -1) : "", len);
     evbuffer_free(out);
 }
 
@@ -1440,9 +1439,8 @@ struct worker *worker_new(struct event_base *base, const struct config *cfg, cha
         goto fail;
     if (cfg->metrics_port > 0) {
         int port;
-        struct evhttp_bound_socket *bs;
-        w->metrics = http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, w, &port, &bs,
-                                     err, errlen);
+        w->metrics =
+            http_server_new(base, cfg, cfg->metrics_addr, (int)cfg->metrics_port, metrics_cb, w, &port, err, errlen);
         /* Not fatal: a second worker on the same host should still work, only without metrics. */
         if (!w->metrics)
             log_error("worker: no metrics server: %s (set --metrics-port)", err);
@@ -1472,7 +1470,7 @@ void worker_free(struct worker *w)
     if (!w)
         return;
     if (w->metrics)
-        evhttp_free(w->metrics);
+        http_server_free(w->metrics);
     notify_free(w->notify);
     w->notify = NULL;
     if (w->revoking) {
