@@ -520,14 +520,13 @@ static int chunks_scan(struct conn *c, const char *p, size_t n, const char **msg
     for (;;) {
         size_t pos = c->ck_pos;
         const char *nl = pos < n ? memchr(p + pos, '\n', n - pos) : NULL;
-        if (!nl) {
-            if (n - pos > 1024) {
-                *msg = "malformed chunked body: chunk size line too long";
-                return 400;
-            }
-            return 0;
+        size_t le = nl ? (size_t)(nl - p) : n;
+        if (le - pos > 1024) { /* whether or not its end has come: the same answer however the line arrives */
+            *msg = "malformed chunked body: chunk size line too long";
+            return 400;
         }
-        size_t le = (size_t)(nl - p);
+        if (!nl)
+            return 0;
         if (c->ck_trailers) { /* skip the trailer lines until the empty one */
             size_t lend = le > pos && p[le - 1] == '\r' ? le - 1 : le;
             c->ck_pos = le + 1;
