@@ -880,6 +880,8 @@ static void read_cb(evutil_socket_t fd, short what, void *arg)
         event_del(&c->rev);
         if (c->req && c->req->streaming)
             c->dead = true; /* a stream's client has gone */
+        else if (c->req && c->in_len > 0)
+            ; /* requests pipelined behind the one in flight: req_done reads on (to this end again) and answers them */
         else if (c->req || out_pending(c))
             c->close_after = true; /* answer what is in flight (a half-closed client may read it), then close */
         else
