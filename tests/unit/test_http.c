@@ -29,7 +29,9 @@
 
 /* ---------------------------------------------------------------- the server under test */
 
-enum mode { SYNC, ASYNC, ALTERNATE }; /* how the route answers: in the callback, from a timer, or every other */
+/* How the route answers: in its callback, from a 0 ms timer, alternately, or from a 5 ms timer (after the
+ * loop has read what follows the request). */
+enum mode { SYNC, ASYNC, ALTERNATE, SLOW };
 
 struct fix {
     struct event_base *base;
@@ -142,11 +144,11 @@ static void deferred_cb(evutil_socket_t fd, short what, void *arg)
 static void route(struct http_req *req, void *arg)
 {
     struct fix *f = arg;
-    bool later = f->mode == ASYNC || (f->mode == ALTERNATE && f->calls % 2 == 1);
+    bool later = f->mode == ASYNC || f->mode == SLOW || (f->mode == ALTERNATE && f->calls % 2 == 1);
     f->calls++;
     f->progress++;
     if (later) {
-        struct timeval zero = {0, 0};
+        struct timeval zero = {0, f->mode == SLOW ? 5000 : 0};
         assert_int_equal(event_base_once(f->base, -1, EV_TIMEOUT, deferred_cb, req, &zero), 0);
     } else
         answer(req);
@@ -862,11 +864,72 @@ static void test_mutations(void **state)
     free(got);
 }
 
+/* A line of a chunked body's framing (a size line with extensions, a trailer line) past the 1 KiB limit is
+ * refused however it arrives, and one within it is accepted however it arrives. */
+static void test_long_chunk_lines(void **state)
+{
+    struct fix *f = *state;
+    f->mode = SYNC;
+    for (int trailer = 0; trailer < 2; trailer++) {
+        for (size_t len = 1000; len <= 1500; len += 500) {
+            struct sbuf req = {0};
+            sb_str(&req, "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3");
+            if (!trailer)
+                sb_str(&req, ";");
+            for (size_t i = 0; i < (trailer ? 0 : len - 2); i++)
+                sb_str(&req, "e");
+            sb_str(&req, "\r\nabc\r\n0\r\n");
+            if (trailer)
+                sb_str(&req, "T: ");
+            for (size_t i = 0; i < (trailer ? len - 4 : 0); i++)
+                sb_str(&req, "t");
+            sb_str(&req, trailer ? "\r\n\r\n" : "\r\n");
+            sb_str(&req, "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n");
+            char *want = exchange(f, req.p, req.len, NULL, 0, false);
+            int status = len > 1024 ? 400 : 200;
+            char line[16];
+            snprintf(line, sizeof line, "HTTP/1.1 %d ", status);
+            if (strncmp(want, line, 13) != 0)
+                fail_msg("a %zu-byte %s line sent whole: want %d, got\n%s", len, trailer ? "trailer" : "chunk size",
+                         status, want);
+            for (size_t k = 50; k < req.len; k += 50) {
+                char *got = exchange(f, req.p, req.len, &k, 1, false);
+                if (strcmp(got, want) != 0)
+                    fail_msg("a %zu-byte %s line split at %zu: got\n%s\nwant\n%s", len,
+                             trailer ? "trailer" : "chunk size", k, got, want);
+                free(got);
+            }
+            free(want);
+            free(req.p);
+        }
+    }
+}
+
+/* A client that half-closes after pipelining its requests gets every answer, then the close, whether the route
+ * answers at once or later. */
+static void test_half_close(void **state)
+{
+    struct fix *f = *state;
+    const char *reqs = "GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /c HTTP/1.1\r\n\r\n";
+    for (enum mode m = SYNC; m <= SLOW; m++) {
+        f->mode = m;
+        char *got = exchange(f, reqs, strlen(reqs), NULL, 0, true);
+        struct resp r[4];
+        const char *why = NULL;
+        int n = parse_resps(got, strlen(got), r, 4, &why);
+        if (n != 3)
+            fail_msg("mode %d: want 3 answers, got %d (%s):\n%s", m, n, why ? why : "", got);
+        free(got);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sequence),     cmocka_unit_test(test_every_split), cmocka_unit_test(test_random_pieces),
-        cmocka_unit_test(test_large_bodies), cmocka_unit_test(test_refused),     cmocka_unit_test(test_mutations),
+        cmocka_unit_test(test_sequence),         cmocka_unit_test(test_every_split),
+        cmocka_unit_test(test_random_pieces),    cmocka_unit_test(test_large_bodies),
+        cmocka_unit_test(test_refused),          cmocka_unit_test(test_mutations),
+        cmocka_unit_test(test_long_chunk_lines), cmocka_unit_test(test_half_close),
     };
     return cmocka_run_group_tests_name("http", tests, setup, teardown);
 }
