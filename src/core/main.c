@@ -59,10 +59,11 @@ static const char usage_tail[] =
 static struct config cfg;
 
 /* An API thread's event loop. With epoll, the changelist batches the changes made to a descriptor's events during one
- * loop iteration into one epoll_ctl call: evhttp enables and disables a connection's read and write events
- * several times per request (about 4 epoll_ctl calls per /healthz without it). Measured in bench/ANALYSIS.md:
- * 18.2 -> 15.0 us of CPU per /healthz. Only for the API: libevent warns that the changelist can be confused
- * by descriptors closed and reused within one iteration, which libcurl does on the worker's loop. */
+ * loop iteration into one epoll_ctl call. It was chosen for libevent's evhttp, which enabled and disabled a
+ * connection's events several times per request (18.2 -> 15.0 us of CPU per /healthz, bench/ANALYSIS.md); our
+ * HTTP server (http.c) changes none per request, but hiredis still arms and disarms writing per command batch. Only for
+ * the API: libevent warns that the changelist can be confused by descriptors closed and reused within one iteration,
+ * which libcurl does on the worker's loop. */
 static struct event_base *loop_new(void)
 {
     struct event_config *ec = event_config_new();

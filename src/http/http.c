@@ -522,7 +522,8 @@ static int chunks_scan(struct conn *c, const char *p, size_t n, const char **msg
         const char *nl = pos < n ? memchr(p + pos, '\n', n - pos) : NULL;
         size_t le = nl ? (size_t)(nl - p) : n;
         if (le - pos > 1024) { /* whether or not its end has come: the same answer however the line arrives */
-            *msg = "malformed chunked body: chunk size line too long";
+            *msg = c->ck_trailers ? "malformed chunked body: trailer line too long"
+                                  : "malformed chunked body: chunk size line too long";
             return 400;
         }
         if (!nl)
@@ -556,7 +557,15 @@ static int chunks_scan(struct conn *c, const char *p, size_t n, const char **msg
             }
             size = size * 16 + (uint64_t)d;
         }
-        if (digits == 0 || (i < le && p[i] != ';' && p[i] != '\r' && p[i] != ' ' && p[i] != '\t')) {
+        /* after the digits: optional whitespace, an extension (;...), and CR only as the line's end */
+        size_t j = i;
+        while (j < le && (p[j] == ' ' || p[j] == '\t'))
+            j++;
+        bool ok = j == le || p[j] == ';' || (p[j] == '\r' && j + 1 == le);
+        for (size_t k = j; ok && k < le; k++)
+            if ((p[k] == '\r' && k + 1 != le) || p[k] == 0)
+                ok = false;
+        if (digits == 0 || !ok) {
             *msg = "malformed chunked body: bad chunk size";
             return 400;
         }
@@ -1013,7 +1022,7 @@ static char *put(char *o, const char *s, size_t n)
 #define PUT_LIT(o, lit) put((o), "" lit "", sizeof(lit) - 1)
 
 /* Writes the head (status line, our headers, the handler's, the connection's) into o; returns its end.
- * o has room for 512 + req->oh_len bytes. */
+ * o has room for 512 + req->oh_len + strlen(ctype) bytes (the rest is at most about 200). */
 static char *head_write(char *o, const struct http_req *req, int code, const char *ctype, bool nostore,
                         const char *length, bool chunked)
 {
@@ -1053,7 +1062,8 @@ static void reply(struct http_req *req, int code, const char *ctype, bool nostor
 {
     struct conn *c = req->conn;
     if (c && !c->dead) {
-        char stack[1024], *head = req->oh_len + 512 <= sizeof stack ? stack : xmalloc(req->oh_len + 512);
+        size_t room = req->oh_len + (ctype ? strlen(ctype) : 0) + 512;
+        char stack[1024], *head = room <= sizeof stack ? stack : xmalloc(room);
         char length[24];
         bool has_body = code >= 200 && code != 204 && code != 304;
         if (has_body)
@@ -1140,7 +1150,8 @@ void http_stream_start(struct http_req *req, int code, void (*closed)(struct htt
     struct conn *c = req->conn;
     if (!c || c->dead)
         return;
-    char stack[1024], *head = req->oh_len + 512 <= sizeof stack ? stack : xmalloc(req->oh_len + 512);
+    size_t room = req->oh_len + 512;
+    char stack[1024], *head = room <= sizeof stack ? stack : xmalloc(room);
     char *end = head_write(head, req, code, NULL, false, NULL, req->chunked_out);
     struct iovec iov = {head, (size_t)(end - head)};
     conn_send(c, &iov, 1);
