@@ -77,7 +77,7 @@ static const struct cfg_entry entries[] = {
       "API threads, each with its own event loop, listener (SO_REUSEPORT), Kafka producer and Redis connections"),
     I("http-max-body", http_max_body, 64, 67108864, "1048576", "largest request body accepted, bytes (413 above)"),
     I("http-idle-timeout-s", http_idle_timeout_s, 1, 3600, "30",
-      "a connection that sends or reads nothing for this long is closed (slow clients)"),
+      "a connection idle this long, or a request still incomplete this long after its first byte, is closed (408)"),
     I("request-timeout-ms", request_timeout_ms, 100, 600000, "10000",
       "deadline of one API request; past it the client gets 503 with Retry-After"),
     S("public-url", public_url, "", "absolute base of polling_url (e.g. https://llm.example.com); empty: relative"),

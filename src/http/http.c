@@ -1189,11 +1189,6 @@ void http_stream_end(struct http_req *req)
     req_done(req);
 }
 
-bool http_connected(const struct http_req *req)
-{
-    return req->conn && !req->conn->dead;
-}
-
 /* ---------------------------------------------------------------- the request */
 
 enum http_method http_method(const struct http_req *req)

@@ -87,7 +87,5 @@ void http_reply_error(struct http_req *req, int code, const char *type, const ch
 void http_stream_start(struct http_req *req, int code, void (*closed)(struct http_req *req, void *arg), void *arg);
 void http_stream_write(struct http_req *req, const char *data, size_t len);
 void http_stream_end(struct http_req *req);
-/* False once the request's client has gone (its answer will be dropped). */
-bool http_connected(const struct http_req *req);
 
 #endif
