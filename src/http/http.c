@@ -35,9 +35,10 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#define HEAD_MAX (64 * 1024) /* request line and headers */
-#define HDRS_MAX 128         /* header lines per request */
-#define SCRATCH 16384        /* one read's worth */
+#define HEAD_MAX (64 * 1024)  /* request line and headers */
+#define HDRS_MAX 128          /* header lines per request */
+#define SCRATCH 16384         /* one read's worth */
+#define OUT_MAX (1024 * 1024) /* answers not yet taken by the client; past it, no more requests are read */
 
 struct http_server {
     struct event_base *base;
@@ -223,6 +224,12 @@ static bool out_pending(const struct conn *c)
     return c->out_len > c->out_off;
 }
 
+/* A client that sends requests but does not read the answers: stop reading it (write_cb resumes). */
+static bool out_full(const struct conn *c)
+{
+    return c->out_len - c->out_off > OUT_MAX;
+}
+
 /* Writes iov[0..n) now if the socket takes it, keeps the rest for the write event. */
 static void conn_send(struct conn *c, struct iovec *iov, int n)
 {
@@ -250,15 +257,21 @@ static void conn_send(struct conn *c, struct iovec *iov, int n)
         skip = 0;
     }
     if (out_pending(c) && !c->wev_on) {
-        event_add(&c->wev, NULL);
+        event_add(&c->wev, c->srv->idle_tv); /* a client that reads nothing for that long is closed */
         c->wev_on = true;
     }
 }
 
+static void conn_resume(struct conn *c);
+
 static void write_cb(evutil_socket_t fd, short what, void *arg)
 {
-    (void)what;
     struct conn *c = arg;
+    if (what & EV_TIMEOUT) {
+        c->dead = true;
+        conn_check(c);
+        return;
+    }
     while (out_pending(c)) {
         ssize_t w = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
         if (w < 0 && errno == EINTR)
@@ -277,6 +290,8 @@ static void write_cb(evutil_socket_t fd, short what, void *arg)
     c->out_off = c->out_len = c->out_cap = 0;
     event_del(&c->wev);
     c->wev_on = false;
+    if (!c->req && !c->close_after && !c->dead && (c->paused || c->in_len > 0))
+        conn_resume(c); /* requests were left unread, or unanswered, while the answers piled up */
     conn_check(c);
 }
 
@@ -777,7 +792,7 @@ static size_t conn_process(struct conn *c, const char *p, size_t n)
 {
     size_t off = 0;
     c->busy++;
-    while (!c->req && !c->dead && !c->close_after && off < n) {
+    while (!c->req && !c->dead && !c->close_after && !out_full(c) && off < n) {
         size_t used = parse_one(c, p + off, n - off);
         if (used == 0 || used == SIZE_MAX)
             break;
@@ -817,7 +832,7 @@ static void conn_consume(struct conn *c, size_t used)
 /* While a request is answered, pipelined bytes are kept up to a limit; past it, reading waits. */
 static void conn_maybe_pause(struct conn *c)
 {
-    if (c->req && c->in_len > HEAD_MAX && !c->paused) {
+    if (((c->req && c->in_len > HEAD_MAX) || out_full(c)) && !c->paused && !c->rd_eof && !c->lingering) {
         event_del(&c->rev);
         c->paused = true;
     }
@@ -964,6 +979,17 @@ static void conn_defer_check(struct conn *c)
     }
 }
 
+/* Reads again (the idle time counting from now), and goes on with requests already read, from the loop. */
+static void conn_resume(struct conn *c)
+{
+    c->paused = false;
+    event_add(&c->rev, c->srv->idle_tv); /* after an end of file too: reading it again closes, once all is answered */
+    if (c->in_len > 0 && !c->busy && !c->resume) {
+        c->resume = true;
+        event_active(&c->rev, EV_TIMEOUT, 1);
+    }
+}
+
 /* Frees an answered request and moves its connection on. */
 static void req_done(struct http_req *req)
 {
@@ -981,12 +1007,8 @@ static void req_done(struct http_req *req)
         conn_check(c);
         return;
     }
-    c->paused = false;
-    event_add(&c->rev, c->srv->idle_tv); /* the idle time counts from the answer */
-    if (c->in_len > 0 && !c->busy) {
-        c->resume = true;
-        event_active(&c->rev, EV_TIMEOUT, 1);
-    }
+    if (!out_full(c))
+        conn_resume(c);
     conn_check(c);
 }
 

@@ -923,6 +923,63 @@ static void test_half_close(void **state)
     }
 }
 
+/* A client that pipelines requests without reading the answers: the server stops reading it once about 1 MiB of
+ * answers waits (plus what the kernel's buffers hold), instead of answering everything into memory; once the
+ * client reads, every answer comes, in order. */
+static void test_unread_answers(void **state)
+{
+    struct fix *f = *state;
+    f->mode = SYNC;
+    f->calls = f->answered = 0;
+    enum { N = 50000 };
+    static const char one[] = "GET /u HTTP/1.1\r\n\r\n";
+    struct sbuf reqs = {0};
+    for (int i = 0; i < N; i++)
+        sb_add(&reqs, one, sizeof one - 1);
+    struct client c;
+    memset(&c, 0, sizeof c);
+    c.fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 32768; /* before connect: the client's window stays small */
+    assert_int_equal(setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)f->port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(c.fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(fcntl(c.fd, F_SETFL, O_NONBLOCK), 0);
+    size_t at = 0;
+    for (int idle = 0; idle < 20 && at < reqs.len;) { /* write without reading until nothing moves */
+        ssize_t w = send(c.fd, reqs.p + at, reqs.len - at, MSG_NOSIGNAL);
+        unsigned before = f->progress;
+        event_base_loop(f->base, EVLOOP_NONBLOCK);
+        at += w > 0 ? (size_t)w : 0;
+        idle = w > 0 || f->progress != before ? 0 : idle + 1;
+    }
+    unsigned stopped_at = f->calls;
+    /* each answer is over 150 bytes: all of them would be several times what the buffers and the 1 MiB hold */
+    if (stopped_at >= N)
+        fail_msg("the server answered all %d requests of a client that reads nothing", N);
+    int64_t deadline = mono_now_ms() + 30000;
+    while ((int)f->answered < N || at < reqs.len) { /* now read: the rest is answered */
+        ssize_t w = at < reqs.len ? send(c.fd, reqs.p + at, reqs.len - at, MSG_NOSIGNAL) : 0;
+        at += w > 0 ? (size_t)w : 0;
+        event_base_loop(f->base, EVLOOP_NONBLOCK);
+        client_read(&c);
+        if (mono_now_ms() > deadline)
+            fail_msg("only %u of %d requests answered after 30 s", f->answered, N);
+    }
+    pump(f, &c);
+    assert_int_equal(f->answered, N);
+    size_t n = 0; /* one pass (strstr from each match would rescan the rest under ASan) */
+    static const char ok[] = "HTTP/1.1 200 OK\r\n";
+    for (size_t i = 0; i + sizeof ok - 1 <= c.rx.len; i++)
+        if (c.rx.p[i] == 'H' && memcmp(c.rx.p + i, ok, sizeof ok - 1) == 0)
+            n++;
+    assert_int_equal(n, N);
+    printf("unread answers: the server stopped at %u of %d requests until the client read\n", stopped_at, N);
+    free(reqs.p);
+    client_close(&c);
+    pump(f, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -930,6 +987,7 @@ int main(void)
         cmocka_unit_test(test_random_pieces),    cmocka_unit_test(test_large_bodies),
         cmocka_unit_test(test_refused),          cmocka_unit_test(test_mutations),
         cmocka_unit_test(test_long_chunk_lines), cmocka_unit_test(test_half_close),
+        cmocka_unit_test(test_unread_answers),
     };
     return cmocka_run_group_tests_name("http", tests, setup, teardown);
 }
