@@ -43,12 +43,15 @@
 struct http_server {
     struct event_base *base;
     struct evconnlistener *listener;
+    struct event *accept_retry; /* re-enables accepting after it failed for want of descriptors */
+    time_t accept_warned;
     const struct timeval *idle_tv; /* a common timeout: re-arming it is O(1) */
     long idle_s;
     size_t body_cap; /* largest body read (twice http-max-body) */
     http_cb cb;
     void *cb_arg;
     struct conn *conns;
+    int nconns;
 };
 
 struct conn {
@@ -314,6 +317,7 @@ static void conn_free(struct conn *c)
     event_del(&c->rev);
     event_del(&c->wev);
     evutil_closesocket(c->fd);
+    c->srv->nconns--;
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -946,6 +950,35 @@ static void conn_fail(struct conn *c, int code, const char *type, const char *er
     log_debug("http: %d: %s", code, msg);
 }
 
+/* accept(2) failed. Out of descriptors (or memory), the pending connection stays queued and the listener would
+ * be readable again at once: the loop would spin. Accepting pauses for 100 ms instead (as nginx does); the
+ * connections wait in the kernel's backlog meanwhile. */
+static void accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct http_server *srv = arg;
+    int err = EVUTIL_SOCKET_ERROR();
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM)
+        return;
+    evconnlistener_disable(l);
+    struct timeval tv = {0, 100000};
+    event_add(srv->accept_retry, &tv);
+    time_t now = now_s(srv);
+    if (now - srv->accept_warned >= 10) { /* at most one warning per 10 s */
+        srv->accept_warned = now;
+        log_warn("http: cannot accept connections: %s (%d open); retrying every 100 ms (raise the limit: ulimit -n)",
+                 evutil_socket_error_to_string(err), srv->nconns);
+    }
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct http_server *srv = arg;
+    if (srv->listener)
+        evconnlistener_enable(srv->listener);
+}
+
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen, void *arg)
 {
     (void)l;
@@ -961,6 +994,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     event_assign(&c->rev, srv->base, fd, EV_READ | EV_PERSIST, read_cb, c);
     event_assign(&c->wev, srv->base, fd, EV_WRITE | EV_PERSIST, write_cb, c);
     event_add(&c->rev, srv->idle_tv);
+    srv->nconns++;
     c->next = srv->conns;
     if (c->next)
         c->next->prev = c;
@@ -1302,6 +1336,10 @@ static struct http_server *server_new(struct event_base *base, const struct conf
                 evconnlistener_new_bind(base, accept_cb, srv, flags, 1024, ai->ai_addr, (int)ai->ai_addrlen);
         evutil_freeaddrinfo(ai);
     }
+    if (srv->listener) {
+        srv->accept_retry = evtimer_new(base, accept_retry_cb, srv);
+        evconnlistener_set_error_cb(srv->listener, accept_error_cb);
+    }
     if (!srv->listener) {
         snprintf(err, errlen, "cannot listen on %s:%d (in use, or a bad address?)", addr, port_wanted);
         free(srv);
@@ -1334,6 +1372,7 @@ void http_server_stop_listening(struct http_server *srv)
     if (srv && srv->listener) {
         evconnlistener_free(srv->listener);
         srv->listener = NULL;
+        event_del(srv->accept_retry);
     }
 }
 
@@ -1344,5 +1383,7 @@ void http_server_free(struct http_server *srv)
     http_server_stop_listening(srv);
     while (srv->conns)
         conn_free(srv->conns);
+    if (srv->accept_retry)
+        event_free(srv->accept_retry);
     free(srv);
 }

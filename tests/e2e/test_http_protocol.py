@@ -11,6 +11,8 @@ limit and a 1 s idle timeout), both on ports in 25100-25199.
 """
 
 import json
+import os
+import resource
 import re
 import select
 import socket
@@ -712,3 +714,48 @@ def test_sse_client_disconnects_mid_stream(node):
     healthz_ok(node.port)
     time.sleep(2.2)  # the worker finishes the response; the server has no client left to write to
     healthz_ok(node.port)
+
+
+# ------------------------------------------------------------------------------------------------
+# 14. Out of file descriptors
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning(cluster):
+    """With its descriptor limit reached, accept(2) fails and the connection stays queued: the listener is
+    readable again at once. The server pauses accepting (100 ms at a time) instead of spinning, warns, and serves
+    new connections once descriptors are free again."""
+    n = start_on_own_port(cluster, "api")
+    pid = n.proc.pid
+    healthz_ok(n.port)
+    open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds + 16, open_fds + 16))
+    held = []
+    try:
+        for _ in range(60):  # the kernel completes these handshakes from the backlog, accepted or not
+            s = socket.create_connection(("127.0.0.1", n.port), timeout=5)
+            held.append(s)
+        time.sleep(0.5)
+        before = cpu_seconds(pid)
+        time.sleep(2.0)
+        used = cpu_seconds(pid) - before
+        assert used < 0.5, f"the server used {used:.2f} s of CPU in 2 s with its descriptors exhausted (spinning?)"
+        assert "cannot accept connections" in n.proc.log(), n.proc.log()[-2000:]
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # the held connections are closed by their clients; the server frees them and accepts again
+        try:
+            healthz_ok(n.port)
+            break
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
