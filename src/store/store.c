@@ -967,6 +967,10 @@ static long parse_long(const char *s, size_t len)
     bool neg = len > 0 && s[0] == '-';
     i += neg;
     unsigned long v = 0, lim = neg ? (unsigned long)LONG_MAX + 1 : (unsigned long)LONG_MAX;
+    /* up to 18 digits cannot overflow: no division per digit (timestamps have 13, and a poll parses several) */
+    size_t fast = len - i < 18 ? len : i + 18;
+    for (; i < fast && s[i] >= '0' && s[i] <= '9'; i++)
+        v = v * 10 + (unsigned)(s[i] - '0');
     for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
         unsigned d = (unsigned)(s[i] - '0');
         if (v > (lim - d) / 10)
