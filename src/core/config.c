@@ -58,7 +58,7 @@ static const struct cfg_entry entries[] = {
       "> 0: the worker reads prompts in fetches the broker answers every this many ms (or at 1 MiB) instead of "
       "one small fetch per round trip: about a quarter less broker CPU per prompt when busy, a prompt waits up to "
       "this much more, and an idle worker then costs the broker about 10% of a core (5 ms). 0: an answer as soon "
-      "as a prompt is there, a long poll when there is none"),
+      "as a prompt is there, a long poll (up to 100 ms) when there is none"),
     /* Redis */
     S("redis-host", redis_host, "127.0.0.1", "Redis host"),
     I("redis-port", redis_port, 1, 65535, "6379", "Redis port"),
