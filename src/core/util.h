@@ -21,6 +21,15 @@ bool conv_id_valid(const char *s, size_t len);
  * the hot paths. */
 size_t fmt_i64(char *out, int64_t v);
 
+/* The value of a hexadecimal digit, or -1. */
+static inline int hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
 /* Wall clock in Unix milliseconds, and a monotonic clock in milliseconds. */
 int64_t now_ms(void);
 int64_t mono_ms(void);

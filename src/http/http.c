@@ -563,11 +563,7 @@ static int chunks_scan(struct conn *c, const char *p, size_t n, const char **msg
         uint64_t size = 0;
         size_t i = pos, digits = 0;
         for (; i < le; i++, digits++) {
-            char ch = p[i];
-            int d = ch >= '0' && ch <= '9'   ? ch - '0'
-                    : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-                    : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
-                                             : -1;
+            int d = hex_digit(p[i]);
             if (d < 0)
                 break;
             if (size > (UINT64_C(1) << 40)) {
@@ -1077,6 +1073,15 @@ static char *put(char *o, const char *s, size_t n)
 }
 #define PUT_LIT(o, lit) put((o), "" lit "", sizeof(lit) - 1)
 
+/* "Name: value\r\n", the name a literal. */
+static char *put_header(char *o, const char *name_colon, size_t n, const char *value)
+{
+    o = put(o, name_colon, n);
+    o = put(o, value, strlen(value));
+    return PUT_LIT(o, "\r\n");
+}
+#define PUT_HEADER(o, name, value) put_header((o), "" name ": ", sizeof(name) + 1, (value))
+
 /* Writes the head (status line, our headers, the handler's, the connection's) into o; returns its end.
  * o has room for 512 + req->oh_len + strlen(ctype) bytes (the rest is at most about 200). */
 static char *head_write(char *o, const struct http_req *req, int code, const char *ctype, bool nostore,
@@ -1089,21 +1094,13 @@ static char *head_write(char *o, const struct http_req *req, int code, const cha
     const char *r = reason(code);
     o = put(o, r, strlen(r));
     o = PUT_LIT(o, "\r\n");
-    if (ctype) {
-        o = PUT_LIT(o, "Content-Type: ");
-        o = put(o, ctype, strlen(ctype));
-        o = PUT_LIT(o, "\r\n");
-    }
+    if (ctype)
+        o = PUT_HEADER(o, "Content-Type", ctype);
     if (nostore)
         o = PUT_LIT(o, "Cache-Control: no-store\r\n");
-    o = PUT_LIT(o, "Date: ");
-    o = put(o, http_date(), 29);
-    o = PUT_LIT(o, "\r\n");
-    if (length) {
-        o = PUT_LIT(o, "Content-Length: ");
-        o = put(o, length, strlen(length));
-        o = PUT_LIT(o, "\r\n");
-    }
+    o = PUT_HEADER(o, "Date", http_date());
+    if (length)
+        o = PUT_HEADER(o, "Content-Length", length);
     if (chunked)
         o = PUT_LIT(o, "Transfer-Encoding: chunked\r\n");
     o = put(o, req->oh, req->oh_len);
