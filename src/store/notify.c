@@ -13,9 +13,9 @@
 #include "core/log.h"
 #include "core/map.h"
 #include "core/util.h"
+#include "store/hiev.h"
 
 #include <event2/event.h>
-#include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdlib.h>
@@ -223,7 +223,7 @@ static void notify_connect(struct notify *n)
         return;
     }
     ac->data = n;
-    redisLibeventAttach(ac, n->base);
+    hiev_attach(ac, n->base);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     n->ac = ac;

@@ -44,13 +44,13 @@
 #include "core/log.h"
 #include "core/metrics.h"
 #include "core/util.h"
+#include "store/hiev.h"
 #include "store/notify.h"
 #include "store/reply.h"
 
 #include <assert.h>
 #include <event2/event.h>
 #include <event2/event_struct.h>
-#include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <hiredis/sds.h>
@@ -598,7 +598,7 @@ static void store_connect(struct store *st)
     }
     ac->data = st;
     reply_arena_use(ac->c.reader); /* replies in one arena each, not an allocation per object */
-    redisLibeventAttach(ac, st->base);
+    hiev_attach(ac, st->base);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     st->ac = ac;
@@ -918,7 +918,7 @@ static void check_cb(evutil_socket_t fd, short what, void *arg)
          * read takes at most 16 KiB (hiredis): go on while more has arrived and the oldest is still unanswered. */
         int avail;
         do {
-            redisAsyncHandleRead(st->ac);
+            hiev_read(st->ac);
             head = TAILQ_FIRST(&st->sent);
             if (!head)
                 return;
