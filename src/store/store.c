@@ -1016,12 +1016,36 @@ static const struct turn_field {
 #undef TF
 };
 
+#define TURN_FIELDS (sizeof turn_fields / sizeof turn_fields[0])
+#define FIELD_LEN_MAX 24 /* longer than every name in turn_fields */
+#define SAME_LEN_MAX 4   /* names of one length, at most */
+
+/* turn_fields' indexes by name length, each list ended by -1: a field is found in at most 3 comparisons rather
+ * than a scan of the table (a complete poll sets about 12 turn fields). */
+static int8_t field_by_len[FIELD_LEN_MAX][SAME_LEN_MAX + 1];
+static pthread_once_t field_by_len_once = PTHREAD_ONCE_INIT;
+
+static void field_by_len_init(void)
+{
+    memset(field_by_len, -1, sizeof field_by_len);
+    for (size_t i = 0; i < TURN_FIELDS; i++) {
+        size_t len = turn_fields[i].len, k = 0;
+        assert(len < FIELD_LEN_MAX);
+        while (field_by_len[len][k] >= 0)
+            k++;
+        assert(k < SAME_LEN_MAX);
+        field_by_len[len][k] = (int8_t)i;
+    }
+}
+
 /* Sets turn field f[0..flen) of t from v (strings point into the reply); other fields are ignored. */
 static void turn_set(struct turn *t, const char *f, size_t flen, const redisReply *v)
 {
-    for (size_t i = 0; i < sizeof turn_fields / sizeof turn_fields[0]; i++) {
-        const struct turn_field *tf = &turn_fields[i];
-        if (tf->len != flen || memcmp(tf->name, f, flen) != 0)
+    if (flen >= FIELD_LEN_MAX)
+        return;
+    for (const int8_t *ix = field_by_len[flen]; *ix >= 0; ix++) {
+        const struct turn_field *tf = &turn_fields[*ix];
+        if (memcmp(tf->name, f, flen) != 0)
             continue;
         char *m = (char *)t + tf->off;
         switch (tf->kind) {
@@ -1073,6 +1097,7 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
     if (conv->nturns < 0 || conv->nturns > 1000000)
         return -1;
     conv->turn = xcalloc((size_t)conv->nturns + 1, sizeof *conv->turn);
+    pthread_once(&field_by_len_once, field_by_len_init);
     for (size_t i = 0; i + 1 < r->elements; i += 2) {
         const redisReply *k = r->element[i], *v = r->element[i + 1];
         if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
@@ -1369,7 +1394,14 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
 static char *resp_num(char *p, char c, size_t v)
 {
     *p++ = c;
-    p += fmt_i64(p, (int64_t)v);
+    if (v < 10) { /* most lengths and counts: without fmt_i64's call and copy */
+        *p++ = (char)('0' + v);
+    } else if (v < 100) {
+        *p++ = (char)('0' + v / 10);
+        *p++ = (char)('0' + v % 10);
+    } else {
+        p += fmt_i64(p, (int64_t)v);
+    }
     memcpy(p, "\r\n", 2);
     return p + 2;
 }
