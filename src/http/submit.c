@@ -138,7 +138,7 @@ static void answer_202(struct api *api, struct http_req *req, const char *conv_i
 {
     char url[1024], ra[24];
     api_polling_url(api, conv_id, url, sizeof url);
-    snprintf(ra, sizeof ra, "%ld", api->cfg->retry_after_s);
+    fmt_i64(ra, api->cfg->retry_after_s);
     http_add_header(req, "Location", url);
     http_add_header(req, "Retry-After", ra);
     struct buf b;
@@ -147,7 +147,10 @@ static void answer_202(struct api *api, struct http_req *req, const char *conv_i
     buf_append_json_string(&b, conv_id, strlen(conv_id)); /* validated, or read back from Redis: escaped anyway */
     buf_append_lit(&b, ",\"status\":\"pending\",\"polling_url\":");
     buf_append_json_string(&b, url, strlen(url));
-    buf_printf(&b, ",\"turn\":%ld}\n", turn);
+    char tn[24];
+    buf_append_lit(&b, ",\"turn\":");
+    buf_append(&b, tn, fmt_i64(tn, turn));
+    buf_append_lit(&b, "}\n");
     http_reply_text(req, 202, b.data, b.len);
     buf_free(&b);
 }
