@@ -12,6 +12,7 @@
 
 #include <jansson.h>
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -143,6 +144,104 @@ static void test_json_string(void **state)
 }
 
 /* jsonw writes what json_dumps(JSON_COMPACT) writes. */
+/* utf8_valid and buf_append_json_string look at eight bytes at a time while nothing can need attention; byte-wise
+ * references (the code before that change) must agree with them on random mixes of ASCII, every escape, valid
+ * and invalid UTF-8 and NUL, and on every byte value at every position of two words. */
+static bool ref_utf8_valid(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        unsigned char c = s[i];
+        if (c == 0)
+            return false;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n = c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2 : c >= 0xF0 && c <= 0xF4 ? 3 : 0;
+        if (!n || len - i <= n)
+            return false;
+        uint32_t cp = c & (n == 1 ? 0x1F : n == 2 ? 0x0F : 0x07);
+        for (size_t k = 1; k <= n; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return false;
+            cp = cp << 6 | (s[i + k] & 0x3F);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        i += n + 1;
+    }
+    return true;
+}
+
+static void ref_json_string(struct buf *b, const unsigned char *u, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    buf_append(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = u[i];
+        char e[6] = {'\\', 0};
+        size_t el = 2;
+        if (c == '"' || c == '\\')
+            e[1] = (char)c;
+        else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t')
+            e[1] = c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
+        else if (c < 0x20) {
+            e[1] = 'u', e[2] = '0', e[3] = '0', e[4] = hex[c >> 4], e[5] = hex[c & 15];
+            el = 6;
+        } else {
+            buf_append(b, &u[i], 1);
+            continue;
+        }
+        buf_append(b, e, el);
+    }
+    buf_append(b, "\"", 1);
+}
+
+static void check_against_refs(const unsigned char *s, size_t n)
+{
+    assert_int_equal(utf8_valid((const char *)s, n), ref_utf8_valid(s, n));
+    struct buf got, want;
+    buf_init(&got, 1 << 16);
+    buf_init(&want, 1 << 16);
+    assert_int_equal(buf_append_json_string(&got, (const char *)s, n), 0);
+    ref_json_string(&want, s, n);
+    assert_int_equal(got.len, want.len);
+    assert_memory_equal(got.data, want.data, got.len);
+    buf_free(&got);
+    buf_free(&want);
+}
+
+static void test_word_at_a_time_matches_bytewise(void **state)
+{
+    (void)state;
+    static const char *pieces[] = {
+        "abcdefghijklmnop", "\"",           "\\",       "\n",   "\x01", "\x1f", "\x7f", "\xc3\xa9", "\xe2\x82\xac",
+        "\xf0\x9f\x98\x80", "\xed\xa0\x80", "\xc0\xaf", "\xff", "\x80"};
+    unsigned char s[96];
+    srand(7);
+    for (int t = 0; t < 100000; t++) {
+        size_t n = 0;
+        for (int j = rand() % 12; j > 0; j--) {
+            int q = rand() % 16;
+            const char *p = q < 14 ? pieces[q] : "";
+            size_t pl = q == 0 ? (size_t)(rand() % 17) : q < 14 ? strlen(p) : 1; /* 14, 15: a NUL */
+            if (n + pl > sizeof s)
+                break;
+            memcpy(s + n, p, pl);
+            n += pl;
+        }
+        check_against_refs(s, n);
+    }
+    for (int c = 0; c < 256; c++)
+        for (size_t pos = 0; pos < 16; pos++) {
+            memset(s, 'a', 16);
+            s[pos] = (unsigned char)c;
+            check_against_refs(s, 16);
+            check_against_refs(s + 1, 15);
+        }
+}
+
 static void test_jsonw(void **state)
 {
     (void)state;
@@ -265,15 +364,11 @@ static void test_config_errors(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_conv_id),
-        cmocka_unit_test(test_utf8),
-        cmocka_unit_test(test_non_space),
-        cmocka_unit_test(test_buf_limit),
-        cmocka_unit_test(test_json_string),
-        cmocka_unit_test(test_jsonw),
-        cmocka_unit_test(test_map),
-        cmocka_unit_test(test_rand_below),
-        cmocka_unit_test(test_config_defaults_env_flags),
+        cmocka_unit_test(test_conv_id),       cmocka_unit_test(test_utf8),
+        cmocka_unit_test(test_non_space),     cmocka_unit_test(test_buf_limit),
+        cmocka_unit_test(test_json_string),   cmocka_unit_test(test_word_at_a_time_matches_bytewise),
+        cmocka_unit_test(test_jsonw),         cmocka_unit_test(test_map),
+        cmocka_unit_test(test_rand_below),    cmocka_unit_test(test_config_defaults_env_flags),
         cmocka_unit_test(test_config_errors),
     };
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
