@@ -171,7 +171,6 @@ static time_t now_s(struct http_server *srv)
     return tv.tv_sec > 0 ? tv.tv_sec : 1;
 }
 
-/* RFC 9110 token characters (header names, methods). */
 /* A token character (RFC 9110 5.6.2): letters, digits and !#$%&'*+-.^_`|~, as bit ch of a 128-bit mask. */
 static bool is_tchar(unsigned char ch)
 {
@@ -361,6 +360,7 @@ static void conn_linger(struct conn *c)
         return;
     }
     c->lingering = true;
+    c->started = now_s(c->srv); /* the lingering close's own start: it lasts at most --http-idle-timeout-s */
     shutdown(c->fd, SHUT_WR);
     free(c->in);
     c->in = NULL;
@@ -895,8 +895,12 @@ static void read_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (c->lingering) {
+        /* Read and dropped until the client's end of stream, so that an unread request does not turn our close
+         * into a reset that destroys the answer in flight. The idle timeout restarts with every read, so a
+         * client that keeps sending would keep the connection for ever: the whole close is bounded too. */
         ssize_t r = recv(fd, scratch, sizeof scratch, 0);
-        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) ||
+            now_s(c->srv) - c->started > c->srv->idle_s)
             conn_free(c);
         return;
     }

@@ -584,6 +584,26 @@ def test_slow_loris_is_closed(tight):
     healthz_ok(tight.port)
 
 
+def test_lingering_close_is_bounded(tight):
+    """After answering Connection: close the server half-closes and reads until the client's end (so that an
+    unread request does not turn the close into a reset that destroys the answer). A client that keeps sending,
+    never closing, must not keep the connection for ever: each byte used to restart the idle timeout."""
+    limit = TIGHT_IDLE_S + 3.0  # the bound (whole seconds), the next byte, then the reset it brings back
+    with RawConn(tight.port) as c:
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert_healthz(c.read_response())
+        t0 = time.monotonic()
+        closed_at = None
+        while time.monotonic() - t0 < limit + 3:
+            if not c.send_tolerant(b"x" * 100):
+                closed_at = time.monotonic()
+                break
+            time.sleep(0.3)
+        assert closed_at is not None, f"a lingering close fed 100 bytes every 0.3 s still read after {limit + 3:.0f} s"
+        assert closed_at - t0 <= limit, f"lingering close ended after {closed_at - t0:.1f} s (limit {limit:.0f} s)"
+    healthz_ok(tight.port)
+
+
 # ------------------------------------------------------------------------------------------------
 # 12. Clients that go away
 # ------------------------------------------------------------------------------------------------
