@@ -372,6 +372,7 @@ struct store {
     struct reject *rejects;
     size_t nrejects;
     struct event *reject_ev;
+    long reject_delay_ms; /* until the next round of rejections while Redis refuses them: doubles up to a cap */
     bool rejects_failing; /* a rejection failed and none has been written since (logged once until then) */
     /* Published marks are sent in batches, one script call per loop iteration (or per PUBMARKS_MAX): a script
      * call costs Redis about as much again as the commands it runs. */
@@ -408,6 +409,7 @@ struct reject {
 
 #define REJECTS_MAX 100000
 #define REJECT_RETRY_MS 500
+#define REJECT_RETRY_MAX_MS 30000
 
 static void reject_retry_cb(evutil_socket_t fd, short what, void *arg);
 static void marks_cb(evutil_socket_t fd, short what, void *arg);
@@ -632,6 +634,7 @@ struct store *store_new(struct event_base *base, const struct config *cfg)
     st->reconnect_ms = RECONNECT_MIN_MS;
     st->reconnect_ev = evtimer_new(base, reconnect_cb, st);
     st->reject_ev = evtimer_new(base, reject_retry_cb, st);
+    st->reject_delay_ms = REJECT_RETRY_MS;
     st->marks_ev = event_new(base, -1, 0, marks_cb, st);
     store_connect(st);
     return st;
@@ -1286,10 +1289,13 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
         /* Lost with the connection, or refused (-OOM, -MISCONF, -LOADING, -READONLY, NOSCRIPT twice...): either
          * way the turn is still pending while its client was told 503, so it is tried again. An error reply
          * used to drop it. */
-        if (!reply || reply->type == REDIS_REPLY_ERROR)
+        if (!reply || reply->type == REDIS_REPLY_ERROR) {
+            if (!reply) /* Redis is not refusing: tried again as soon as it is back */
+                st->reject_delay_ms = REJECT_RETRY_MS;
             reject_later(st, op, reply ? reply->str : "connection lost");
-        else if (st->rejects_failing) {
+        } else if (st->rejects_failing) {
             st->rejects_failing = false;
+            st->reject_delay_ms = REJECT_RETRY_MS;
             log_info("redis: Redis takes rejections again (%zu turn(s) answered 503 still to mark as rejected)",
                      st->nrejects);
         }
@@ -1668,8 +1674,10 @@ void store_reject(struct store *st, const char *conv_id, long turn, bool is_new)
 }
 
 /* A rejection that failed (not written, lost with the connection, or answered with an error: why) is written
- * again every REJECT_RETRY_MS while connected, until Redis takes it. Bounded: past REJECTS_MAX waiting, the turn
- * stays pending (logged). A Redis that keeps refusing (an error that never goes away) keeps it until exit. */
+ * again while connected until Redis takes it: REJECT_RETRY_MS later, and while Redis keeps answering errors, at
+ * twice the previous delay each round up to REJECT_RETRY_MAX_MS (a Redis out of memory is not asked every 500 ms
+ * for ever); back to REJECT_RETRY_MS once it takes one or the connection was what failed. Bounded: past
+ * REJECTS_MAX waiting, the turn stays pending (logged). A Redis that keeps refusing keeps it until exit. */
 static void reject_later(struct store *st, const struct op *op, const char *why)
 {
     if (st->closing)
@@ -1682,8 +1690,9 @@ static void reject_later(struct store *st, const struct op *op, const char *why)
     }
     if (!st->rejects_failing)
         log_warn("redis: conversation %s turn %ld, answered 503, could not be marked rejected (%s): marking turns "
-                 "answered 503 as rejected when Redis takes it, every %d ms",
-                 op->conv_id, op->turn, why, REJECT_RETRY_MS);
+                 "answered 503 as rejected when Redis takes it (tried again after %d ms, then at doubling intervals "
+                 "up to %d s while Redis refuses)",
+                 op->conv_id, op->turn, why, REJECT_RETRY_MS, REJECT_RETRY_MAX_MS / 1000);
     else
         log_debug("redis: conversation %s turn %ld, answered 503, could not be marked rejected (%s)", op->conv_id,
                   op->turn, why);
@@ -1697,7 +1706,7 @@ static void reject_later(struct store *st, const struct op *op, const char *why)
     st->rejects = rj;
     st->nrejects++;
     if (!evtimer_pending(st->reject_ev, NULL)) {
-        struct timeval tv = {0, REJECT_RETRY_MS * 1000};
+        struct timeval tv = {st->reject_delay_ms / 1000, (st->reject_delay_ms % 1000) * 1000};
         evtimer_add(st->reject_ev, &tv);
     }
 }
@@ -1717,6 +1726,8 @@ static void reject_retry_cb(evutil_socket_t fd, short what, void *arg)
     st->rejects = NULL;
     st->nrejects = 0;
     log_debug("redis: marking %zu turn(s) answered 503 as rejected", n);
+    /* if Redis refuses this round too, the next one waits twice as long */
+    st->reject_delay_ms = st->reject_delay_ms * 2 > REJECT_RETRY_MAX_MS ? REJECT_RETRY_MAX_MS : st->reject_delay_ms * 2;
     while (list) { /* a failure puts it back on st->rejects */
         struct reject *rj = list;
         list = rj->next;

@@ -3,6 +3,7 @@ back: normal service. Runs last (it stops the stack's Kafka); the broker is star
 happens."""
 
 import contextlib
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -140,6 +141,14 @@ def test_a_503_while_redis_is_away_is_marked_rejected_once_it_is_back(cluster, r
     wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
 
 
+def oom_errors(r):
+    """How many commands Redis has refused with -OOM (INFO errorstats)."""
+    info = r.command("INFO", "errorstats")
+    info = info.decode() if isinstance(info, bytes) else info
+    m = re.search(r"errorstat_OOM:count=(\d+)", info)
+    return int(m.group(1)) if m else 0
+
+
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of the test's own (its memory limit is changed: not the stack's), stopped at the end."""
@@ -175,11 +184,17 @@ def test_a_503_whose_rejection_redis_refuses_is_marked_rejected_once_redis_takes
             try:
                 assert_error(fut.result(timeout=30), 503)
                 wait_for(lambda: "OOM" in api2.proc.log(), 10, "Redis to refuse the rejection (OOM)", interval=0.1)
-                time.sleep(1.2)  # retried meanwhile (every 500 ms) and refused again
+                time.sleep(1.2)  # retried meanwhile (500 ms after the refusal) and refused again
                 assert r.command("HGET", key, "t2.status") == b"pending"
+                # While Redis refuses, the rounds back off (0.5, 1, 2, 4 s... up to 30): 3 in the next 6 s, where
+                # a fixed 500 ms made 12. A slower machine makes fewer, never more.
+                before = oom_errors(r)
+                time.sleep(6.0)
+                tries = oom_errors(r) - before
+                assert 1 <= tries <= 5, f"{tries} refused rejection rounds in 6 s: expected 1 to 5 (backing off)"
             finally:
                 r.command("CONFIG", "SET", "maxmemory", "0")
-    wait_for(lambda: r.command("HGET", key, "t2.status") == b"rejected", 10,
+    wait_for(lambda: r.command("HGET", key, "t2.status") == b"rejected", 40,
              "the API to mark the follow-up rejected once Redis takes writes again", interval=0.2)
     assert "as rejected" in api2.proc.log()
     wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
