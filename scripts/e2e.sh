@@ -44,6 +44,12 @@ for b in "$ASYNCLLM_BIN" "$FAKELLM_BIN"; do
     exit 2
   fi
 done
+# Run directly (not through make e2e), the binary may predate the sources: say so rather than test old code.
+if [[ "$ASYNCLLM_BIN" == build/asan/asyncllm ]]; then
+  newer=$(find src -name '*.[ch]' -newer "$ASYNCLLM_BIN" 2>/dev/null | head -3 | tr '\n' ' ')
+  newer=${newer% }
+  [[ -z "$newer" ]] || log "WARNING: $ASYNCLLM_BIN is older than ${newer}: testing old code (make build/asan/asyncllm)"
+fi
 for tool in python3 kcat redis-cli; do
   command -v "$tool" >/dev/null || {
     log "ERROR: $tool not found; run scripts/deps.sh"
