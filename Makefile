@@ -17,6 +17,7 @@ SRC     := $(sort $(wildcard src/*/*.c))
 LIBSRC  := $(filter-out src/core/main.c,$(SRC))
 HDR     := $(wildcard src/*/*.h)
 UNIT    := $(wildcard tests/unit/test_*.c)
+UNITH   := $(wildcard tests/unit/*.h)
 FAKE    := tests/fakellm/fakellm.c
 
 .PHONY: all asan deps docs model run test unit e2e chaos chaos-short format lint clean stack-up stack-down bench bench-smoke
@@ -34,7 +35,7 @@ build/asan/asyncllm: $(SRC) $(HDR) | build/asan
 build/asan/fakellm: $(FAKE) | build/asan
 	$(CC) -std=c17 -D_GNU_SOURCE $(SAN) -Wall -Wextra -Werror -o $@ $(FAKE) $$(pkg-config --cflags --libs libevent jansson) -lm -lpthread
 
-build/asan/test_%: tests/unit/test_%.c $(LIBSRC) $(HDR) | build/asan
+build/asan/test_%: tests/unit/test_%.c $(LIBSRC) $(HDR) $(UNITH) | build/asan
 	$(CC) $(BASE) $(SAN) -Itests/unit -o $@ $< $(LIBSRC) $(LIBS) -lcmocka
 
 build build/asan:
@@ -79,7 +80,7 @@ bench-smoke:
 test: deps lint unit e2e chaos-short bench-smoke
 
 format:
-	clang-format -i $(SRC) $(HDR) $(UNIT) $(FAKE)
+	clang-format -i $(SRC) $(HDR) $(UNIT) $(UNITH) $(FAKE)
 
 lint:
 	@scripts/lint.sh

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "sbuf.h"
+
 #include "core/config.h"
 #include "http/http.h"
 
@@ -52,31 +54,6 @@ static uint64_t fnv1a(const char *p, size_t n)
     for (size_t i = 0; i < n; i++)
         h = (h ^ (unsigned char)p[i]) * UINT64_C(1099511628211);
     return h;
-}
-
-struct sbuf {
-    char *p;
-    size_t len, cap;
-};
-
-static void sb_add(struct sbuf *b, const char *p, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        b->p = realloc(b->p, cap);
-        assert_non_null(b->p);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_str(struct sbuf *b, const char *s)
-{
-    sb_add(b, s, strlen(s));
 }
 
 /* A JSON string (or null), every byte outside printable ASCII escaped, so that any request can be echoed. */
