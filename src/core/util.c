@@ -66,28 +66,6 @@ int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-#define ONES 0x0101010101010101ull
-#define HIGHS 0x8080808080808080ull
-
-/* Nonzero if a byte of x is under n (n <= 128), or may be: a word flagged is then looked at byte by byte. */
-static inline uint64_t word_has_less(uint64_t x, unsigned n)
-{
-    return (x - ONES * n) & ~x & HIGHS;
-}
-
-/* Nonzero if a byte of x is zero (exact). */
-static inline uint64_t word_has_zero(uint64_t x)
-{
-    return (x - ONES) & ~x & HIGHS;
-}
-
-static inline uint64_t word_at(const unsigned char *p)
-{
-    uint64_t x;
-    memcpy(&x, p, 8);
-    return x;
-}
-
 bool utf8_valid(const char *str, size_t len)
 {
     const unsigned char *s = (const unsigned char *)str;
@@ -96,7 +74,7 @@ bool utf8_valid(const char *str, size_t len)
         /* ASCII without NUL, eight bytes at a time (most text, and every id and timestamp) */
         while (i + 8 <= len) {
             uint64_t x = word_at(s + i);
-            if ((x & HIGHS) || word_has_zero(x))
+            if ((x & WORD_HIGHS) || word_has_zero(x))
                 break;
             i += 8;
         }
@@ -238,7 +216,7 @@ int buf_append_json_string(struct buf *b, const char *s, size_t n)
     size_t clean = 0;        /* the common case: nothing to escape, one copy */
     while (clean + 8 <= n) { /* eight bytes at a time while none is a control character, " or \ */
         uint64_t x = word_at(u + clean);
-        if (word_has_less(x, 0x20) | word_has_zero(x ^ (ONES * '"')) | word_has_zero(x ^ (ONES * '\\')))
+        if (word_has_less(x, 0x20) | word_has_byte(x, '"') | word_has_byte(x, '\\'))
             break;
         clean += 8;
     }

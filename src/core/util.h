@@ -37,6 +37,32 @@ int64_t mono_ms(void);
 /* True if s[0..len) is well-formed UTF-8 (no overlongs, no surrogates, nothing above U+10FFFF) and has no NUL. */
 bool utf8_valid(const char *s, size_t len);
 
+/* Eight bytes at a time (scanning text for the bytes that need attention). A word flagged by word_has_less may
+ * be a false alarm (a borrow from a lower byte that is a true one): callers look at a flagged word byte by byte. */
+#define WORD_ONES 0x0101010101010101ull
+#define WORD_HIGHS 0x8080808080808080ull
+static inline uint64_t word_at(const void *p)
+{
+    uint64_t x;
+    memcpy(&x, p, 8);
+    return x;
+}
+/* Nonzero if some byte of x is under n (n <= 128). */
+static inline uint64_t word_has_less(uint64_t x, unsigned n)
+{
+    return (x - WORD_ONES * n) & ~x & WORD_HIGHS;
+}
+/* Nonzero if some byte of x is zero. */
+static inline uint64_t word_has_zero(uint64_t x)
+{
+    return (x - WORD_ONES) & ~x & WORD_HIGHS;
+}
+/* Nonzero if some byte of x is c. */
+static inline uint64_t word_has_byte(uint64_t x, unsigned char c)
+{
+    return word_has_zero(x ^ (WORD_ONES * c));
+}
+
 /* True if s has at least one character that is not ASCII whitespace. */
 bool has_non_space(const char *s, size_t len);
 

@@ -183,14 +183,10 @@ static bool is_tchar(unsigned char ch)
  * word that may hold one is looked at byte by byte. */
 static bool value_ok(const char *v, size_t n)
 {
-    const uint64_t ones = 0x0101010101010101, highs = 0x8080808080808080, del = ones * 0x7f;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        uint64_t x, d;
-        memcpy(&x, v + i, 8);
-        d = x ^ del;
-        /* a byte under 0x20, or a DEL (a zero byte of d): either flags its word, perhaps with a false alarm */
-        if ((((x - ones * 0x20) & ~x) | ((d - ones) & ~d)) & highs)
+        uint64_t x = word_at(v + i);
+        if (word_has_less(x, 0x20) | word_has_byte(x, 0x7f)) /* perhaps a tab: the byte loop tells */
             break;
     }
     for (; i < n; i++) {
