@@ -1086,8 +1086,12 @@ static void conv_set(struct conv *conv, const redisReply *k, const redisReply *v
         conv->updated_at = parse_long(v->str, v->len);
 }
 
-/* Builds a struct conv over an HGETALL reply (strings point into the reply). Returns -1 on a malformed reply. */
-static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
+#define CONV_TURNS_INLINE 4 /* turn arrays (turns + 1 entries) this small live in the caller's frame */
+
+/* Builds a struct conv over an HGETALL reply (strings point into the reply). Its turn array is small (the caller's,
+ * CONV_TURNS_INLINE entries) when that holds it, else allocated: conv_done frees it. Returns -1 on a malformed
+ * reply. */
+static int conv_parse(struct conv *conv, const char *id, const redisReply *r, struct turn *small)
 {
     memset(conv, 0, sizeof *conv);
     conv->id = id;
@@ -1099,7 +1103,12 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
     }
     if (conv->nturns < 0 || conv->nturns > 1000000)
         return -1;
-    conv->turn = xcalloc((size_t)conv->nturns + 1, sizeof *conv->turn);
+    if (conv->nturns + 1 <= CONV_TURNS_INLINE) { /* most conversations: no allocation per poll */
+        memset(small, 0, ((size_t)conv->nturns + 1) * sizeof *small);
+        conv->turn = small;
+    } else {
+        conv->turn = xcalloc((size_t)conv->nturns + 1, sizeof *conv->turn);
+    }
     pthread_once(&field_by_len_once, field_by_len_init);
     for (size_t i = 0; i + 1 < r->elements; i += 2) {
         const redisReply *k = r->element[i], *v = r->element[i + 1];
@@ -1120,18 +1129,27 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r)
     return 0;
 }
 
+static void conv_done(struct conv *conv, const struct turn *small)
+{
+    if (conv->turn != small)
+        free(conv->turn);
+    conv->turn = NULL;
+}
+
 /* {HGETALL, XRANGE} -> conversation and events. */
 static void events_reply(struct op *op, const redisReply *reply)
 {
     struct conv conv = {0};
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 || conv_parse(&conv, op->conv_id, reply->element[0])) {
+    struct turn small[CONV_TURNS_INLINE];
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+        conv_parse(&conv, op->conv_id, reply->element[0], small)) {
         op->cb.events(op->arg, STORE_EUNAVAILABLE, NULL, NULL, 0);
-        free(conv.turn);
+        conv_done(&conv, small);
         return;
     }
     if (reply->element[0]->elements == 0) {
         op->cb.events(op->arg, STORE_ENOTFOUND, NULL, NULL, 0);
-        free(conv.turn);
+        conv_done(&conv, small);
         return;
     }
     const redisReply *xr = reply->element[1];
@@ -1163,7 +1181,7 @@ static void events_reply(struct op *op, const redisReply *reply)
     }
     op->cb.events(op->arg, STORE_OK, &conv, evs, k);
     free(evs);
-    free(conv.turn);
+    conv_done(&conv, small);
 }
 
 /* -1 or {is_new, verdict, published} -> the verdict callback. */
@@ -1321,6 +1339,7 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
         return;
     }
     struct conv conv = {0};
+    struct turn small[CONV_TURNS_INLINE];
     switch (op->kind) {
     case OP_SUBMIT:
         if (reply->type == REDIS_REPLY_ARRAY) { /* EXEC of submit_new_plain: every command must have worked */
@@ -1342,14 +1361,14 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     case OP_LOAD:
         if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 0)
             op->cb.conv(op->arg, STORE_ENOTFOUND, NULL);
-        else if (conv_parse(&conv, op->conv_id, reply))
+        else if (conv_parse(&conv, op->conv_id, reply, small))
             op->cb.conv(op->arg, STORE_EUNAVAILABLE, NULL);
         else
             op->cb.conv(op->arg, STORE_OK, &conv);
         break;
     case OP_BEGIN:
         if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
-            reply->element[0]->type != REDIS_REPLY_INTEGER || conv_parse(&conv, op->conv_id, reply->element[1]))
+            reply->element[0]->type != REDIS_REPLY_INTEGER || conv_parse(&conv, op->conv_id, reply->element[1], small))
             op->cb.begin(op->arg, STORE_EUNAVAILABLE, 0, NULL);
         else
             op->cb.begin(op->arg, STORE_OK, (long)reply->element[0]->integer, &conv);
@@ -1392,7 +1411,7 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
         break;
     }
     if (op->kind == OP_LOAD || op->kind == OP_BEGIN)
-        free(conv.turn);
+        conv_done(&conv, small);
     op_free(op);
 }
 
