@@ -76,8 +76,8 @@
 #define STORE_QUEUE_MAX (1 << 18)
 #define STR_(x) #x
 #define STR(x) STR_(x)
-/* A MULTI/EXEC group's commands: MULTI, HSET, EXPIRE, EXEC. */
-#define CMD_PIECES_MAX 4
+/* Commands written as one operation: the plain submit's HSET and EXPIRE. */
+#define CMD_PIECES_MAX 2
 /* Times a script call answered NOSCRIPT is written again (after SCRIPT LOAD on the same connection, so only
  * another flush in between can make it fail again): then NOSCRIPT is a failure like any error reply. */
 #define NOSCRIPT_RETRIES 1
@@ -420,9 +420,10 @@ struct op {
     struct store *st;
     enum op_kind kind;
     bool is_new;          /* OP_REJECT */
+    bool plain;           /* OP_SUBMIT of submit_new_plain: its reply is EXPIRE's (HSET's without a TTL) */
     bool evalsha;         /* a script call by SHA-1: NOSCRIPT is answered by writing it again (cmd is kept) */
     int noscript_tries;   /* times it was written again after NOSCRIPT */
-    int npieces;          /* commands in cmd: 1, or those of a MULTI/EXEC group */
+    int npieces;          /* commands in cmd: 1, or the plain submit's 2 */
     int64_t sent_at;      /* mono_ms() when written, or when the timeout check last gave it a fresh timeout */
     uint64_t stream_mark; /* what the socket had taken (sock_taken) when its clock (sent_at) started */
     /* The command(s) in RESP (owned), piece i ending at ends[i]: while queued, and for a script call (evalsha)
@@ -773,16 +774,27 @@ static void check_arm(struct store *st, int64_t ms)
     st->check_armed = true;
 }
 
+/* The reply to a piece of an operation other than its last (the plain submit's HSET): nobody waits for it, but
+ * an error is worth a line (the last piece's reply tells the operation's caller the outcome). */
+static void piece_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
+{
+    (void)ac;
+    (void)privdata;
+    const redisReply *reply = r;
+    if (reply && reply->type == REDIS_REPLY_ERROR)
+        log_error("redis: %s", reply->str);
+}
+
 /* Hands op's command(s), cmd with piece i ending at ends[i], to hiredis; the last piece carries op's callback,
- * the others (MULTI and the commands it queues) none. Returns -1 if hiredis refused. */
+ * the others piece_reply_cb. Returns -1 if hiredis refused. */
 static int op_write(struct store *st, struct op *op, const char *cmd, const size_t *ends, int npieces)
 {
     size_t before = sdslen(st->ac->c.obuf);
     size_t from = 0;
     for (int i = 0; i < npieces; i++) {
         bool last = i == npieces - 1;
-        int rc =
-            redisAsyncFormattedCommand(st->ac, last ? op_reply_cb : NULL, last ? op : NULL, cmd + from, ends[i] - from);
+        int rc = redisAsyncFormattedCommand(st->ac, last ? op_reply_cb : piece_reply_cb, last ? op : NULL, cmd + from,
+                                            ends[i] - from);
         if (rc != REDIS_OK)
             return -1; /* the context is being torn down: its byte count no longer matters */
         from = ends[i];
@@ -1342,13 +1354,10 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
     struct turn small[CONV_TURNS_INLINE];
     switch (op->kind) {
     case OP_SUBMIT:
-        if (reply->type == REDIS_REPLY_ARRAY) { /* EXEC of submit_new_plain: every command must have worked */
-            bool ok = reply->elements > 0;
-            for (size_t i = 0; i < reply->elements; i++)
-                ok = ok && reply->element[i]->type == REDIS_REPLY_INTEGER;
-            op->cb.submit(op->arg, ok ? STORE_OK : STORE_EUNAVAILABLE, 1);
-        } else if (reply->type != REDIS_REPLY_INTEGER)
+        if (reply->type != REDIS_REPLY_INTEGER)
             op->cb.submit(op->arg, STORE_EUNAVAILABLE, 0);
+        else if (op->plain) /* EXPIRE's 1: HSET made the key; 0: it did not (piece_reply_cb logged why) */
+            op->cb.submit(op->arg, reply->integer > 0 ? STORE_OK : STORE_EUNAVAILABLE, 1);
         else if (reply->integer == -1)
             op->cb.submit(op->arg, STORE_ENOTFOUND, 0);
         else if (reply->integer == -2)
@@ -1561,10 +1570,16 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
 #define EVAL(st, op, script, nkeys, argv, lens)                                                                        \
     eval(st, op, script, sizeof script - 1, nkeys, (int)(sizeof argv / sizeof argv[0]), argv, lens)
 
-/* The common submit, a new conversation's first turn without an event stream, as MULTI, HSET, EXPIRE, EXEC
- * rather than LUA_SUBMIT: running a script costs Redis about as much again as the commands it runs, and
- * MULTI/EXEC keeps the two atomic (no conversation without its expiry). The id is 132 fresh random bits
- * (conv_id_new), so the script's check that it is unused is left out. */
+/* The common submit, a new conversation's first turn without an event stream, as HSET then EXPIRE rather than
+ * LUA_SUBMIT: running a script costs Redis about as much again as the commands it runs. The id is 132 fresh
+ * random bits (conv_id_new), so the script's check that it is unused is left out.
+ *
+ * No MULTI/EXEC around the two (it cost Redis a fifth of the submit's instructions: bench/ANALYSIS.md, session
+ * 8). They are written together, and Redis runs a connection's commands in order, so nothing else can see the
+ * hash between them except after a failure in between, which the reply shows: EXPIRE answers 1 only if HSET
+ * made the key (an HSET refused, say out of memory, makes it 0: STORE_EUNAVAILABLE, 503). A reply lost with the
+ * connection after HSET ran is a lost submit like any (reject_later): the rejection deletes a new
+ * conversation, expiry or not; and a worker that takes the prompt sets the expiry again. */
 static void submit_new_plain(struct store *st, const char *key, const char *prompt, size_t prompt_len,
                              const struct turn_meta *meta, const struct nums *n, struct op *op)
 {
@@ -1605,8 +1620,6 @@ static void submit_new_plain(struct store *st, const char *key, const char *prom
     struct buf *b = resp_scratch(st);
     size_t ends[CMD_PIECES_MAX];
     int np = 0;
-    buf_append_lit(b, "*1\r\n$5\r\nMULTI\r\n");
-    ends[np++] = b->len;
     resp_append(b, c, a, l);
     ends[np++] = b->len;
     if (st->cfg->conversation_ttl_s > 0) {
@@ -1614,8 +1627,7 @@ static void submit_new_plain(struct store *st, const char *key, const char *prom
         resp_append(b, 3, e, NULL);
         ends[np++] = b->len;
     }
-    buf_append_lit(b, "*1\r\n$4\r\nEXEC\r\n");
-    ends[np++] = b->len;
+    op->plain = true;
     op_submit(st, op, b->data, ends, np);
 }
 

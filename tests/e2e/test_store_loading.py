@@ -88,7 +88,7 @@ def test_a_connection_made_while_redis_loads_is_used_once_its_scripts_are_loaded
     assert samples and all(s == 503 for s in samples), f"/readyz while Redis was loading: {samples}"
 
     # Loaded: the store connects again, loads its scripts, and takes work (within the reconnection delay, 2 s
-    # at most, plus slack). A new conversation is written without a script (MULTI/EXEC); its follow-up runs
+    # at most, plus slack). A new conversation is written without a script (HSET, EXPIRE); its follow-up runs
     # one (EVALSHA), as do a rejection and every step of the worker.
     deadline = time.monotonic() + 15
     cid = None

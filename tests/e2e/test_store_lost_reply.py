@@ -15,7 +15,7 @@ from conftest import REDIS_PORT, extra_port, unique, wait_for
 
 
 class DroppingProxy:
-    """Forwards 127.0.0.1:port to Redis. Once armed, the first connection that sends a submit (MULTI/EXEC or
+    """Forwards 127.0.0.1:port to Redis. Once armed, the first connection that sends a submit (HSET+EXPIRE or
     EVALSHA) after arming is closed, both ways, when Redis' answer arrives: the answer is never delivered."""
 
     def __init__(self):
@@ -46,7 +46,7 @@ class DroppingProxy:
                     data = c.recv(65536)
                     if not data:
                         return
-                    if self.armed.is_set() and (b"EXEC" in data or b"EVALSHA" in data):
+                    if self.armed.is_set() and (b"EXPIRE" in data or b"EVALSHA" in data):
                         submitted = True
                     s.sendall(data)
                 if s in r:

@@ -7,7 +7,7 @@ every follow-up was answered 503 and every step of the worker (BEGIN, FINISH) fa
 connection lasted. Now an operation answered NOSCRIPT is written again after the scripts are loaded again,
 transparently to its caller, and at most once (a second NOSCRIPT is a failure, as before).
 
-A new conversation is written without a script (MULTI/EXEC), its follow-ups with one (EVALSHA), and the worker
+A new conversation is written without a script (HSET, EXPIRE), its follow-ups with one (EVALSHA), and the worker
 runs scripts only: the flush before a new conversation reaches the worker first, the one before a follow-up
 the API first."""
 
@@ -33,7 +33,7 @@ def test_the_scripts_are_loaded_again_after_script_flush(cluster, redis):
     assert api.wait_done(cid)["llm_response"] == llm_answer(p0)
     assert RETRIED not in api.proc.log() + worker.proc.log()
 
-    # The worker meets the empty cache first: the API writes a new conversation with MULTI/EXEC.
+    # The worker meets the empty cache first: the API writes a new conversation with HSET, EXPIRE.
     script_flush()
     p1 = unique("new conversation after a flush")
     cid1 = api.submit(p1)["conversation_id"]

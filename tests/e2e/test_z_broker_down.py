@@ -166,6 +166,26 @@ def own_redis(tmp_path):
         proc.stop()
 
 
+def test_a_new_conversation_redis_refuses_is_503_and_one_it_takes_expires(cluster, own_redis):
+    """A new conversation's first turn is HSET then EXPIRE, pipelined without MULTI/EXEC: EXPIRE's reply (1 only
+    if the key exists) says whether HSET made it. While Redis refuses writes (maxmemory 1, noeviction: HSET gets
+    -OOM, EXPIRE runs and finds nothing) the submit is answered 503, nothing is produced and nothing is left in
+    Redis; once Redis takes writes, the conversation carries its expiry."""
+    port, r = own_redis
+    api2 = cluster.start("api", redis_port=port, conversation_ttl_s=777)
+    r.command("CONFIG", "SET", "maxmemory", "1")
+    try:
+        assert_error(api2.submit_post(unique("refused by Redis")), 503)
+        assert r.command("DBSIZE") == 0
+        assert "OOM" in api2.proc.log(), "HSET's refusal was not logged\n" + api2.proc.tail()
+    finally:
+        r.command("CONFIG", "SET", "maxmemory", "0")
+    cid = api2.submit(unique("taken by Redis"))["conversation_id"]
+    ttl = r.command("TTL", f"asyncllm:conv:{cid}")
+    assert 0 < ttl <= 777, f"TTL of a new conversation: {ttl}"
+    assert r.command("HGET", f"asyncllm:conv:{cid}", "t1.status") == b"pending"
+
+
 def test_a_503_whose_rejection_redis_refuses_is_marked_rejected_once_redis_takes_it(cluster, own_redis):
     """As above, but Redis is up and answers the rejection with an error (-OOM here; -MISCONF, -LOADING,
     -READONLY alike): the API used to drop it, so the turn stayed `pending` forever while its client had been
