@@ -7,6 +7,13 @@
  * The HTTP server keeps an unanswered request alive even if the client goes away (it detaches it from the dead
  * connection; our answer frees it), so sub->req stays valid until we answer.
  *
+ * Together. A new conversation's first turn (no stream) is written to Redis and produced to Kafka at the same
+ * time: its turn is 1 without asking Redis, and the write (store_submit's plain one) cannot overwrite what a
+ * worker that took the prompt first has written. The answer waits for both; the produce decides it. Acked: 202
+ * (had Redis refused or lost the write, a worker creates the conversation when it takes the prompt: logged).
+ * Not acked: 503, and the turn is rejected (a new conversation is deleted). A follow-up or a stream needs the
+ * turn Redis allocates before its message can be written, so it goes Redis first, then Kafka.
+ *
  * Idempotency. With an Idempotency-Key header, the key (scoped by route and by a hash of the Authorization
  * header) is claimed in Redis for 24 h before anything else; a repeat finds "<conversation> <turn>" there and
  * gets the same turn's answer instead of a second prompt, or 409 while the first is still being queued. A
@@ -35,6 +42,12 @@ struct submit {
     struct event deadline; /* on the API's common timeout: no allocation, O(1) */
     enum submit_mode mode;
     bool is_new;
+    bool together;       /* Redis and Kafka at once (see the top); then: */
+    bool redis_answered; /* store_submit called back (redis_ok: STORE_OK) */
+    bool redis_ok;
+    bool kafka_answered; /* the delivery report came (kafka_ok: acked; kafka_why: else why) */
+    bool kafka_ok;
+    const char *kafka_why;
     long turn;
     int64_t submitted_at;
     char conv_id[72];
@@ -223,6 +236,18 @@ static void submit_produced(struct submit *sub, bool ok, const char *why)
     answer_accepted(api, req, sub->conv_id, sub->turn, sub->mode, sub);
 }
 
+/* A together submit (see the top) once Redis and Kafka have both answered: the produce decides. */
+static void together_answered(struct submit *sub)
+{
+    if (!sub->redis_answered || !sub->kafka_answered)
+        return;
+    if (sub->kafka_ok && !sub->redis_ok)
+        log_warn("conversation %s: queued in Kafka, but Redis did not store its first turn: a worker creates it when "
+                 "it takes the prompt (until then a poll finds nothing)",
+                 sub->conv_id);
+    submit_produced(sub, sub->kafka_ok, sub->kafka_why);
+}
+
 /* Delivery report of a prompt (see kafka.h): the broker's answer. */
 void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset);
 void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t offset)
@@ -238,16 +263,41 @@ void api_dr_cb(void *opaque, rd_kafka_resp_err_t err, int32_t partition, int64_t
     else
         log_debug("conversation %s turn %ld queued at partition %d offset %" PRId64, sub->conv_id, sub->turn, partition,
                   offset);
-    submit_produced(sub, err == RD_KAFKA_RESP_ERR_NO_ERROR, err ? rd_kafka_err2str(err) : NULL);
+    if (sub->together) {
+        sub->kafka_answered = true;
+        sub->kafka_ok = err == RD_KAFKA_RESP_ERR_NO_ERROR;
+        sub->kafka_why = err ? rd_kafka_err2str(err) : NULL;
+        together_answered(sub);
+    } else {
+        submit_produced(sub, err == RD_KAFKA_RESP_ERR_NO_ERROR, err ? rd_kafka_err2str(err) : NULL);
+    }
     submit_release(sub);
 }
 
 /* ---------------------------------------------------------------- the steps */
 
+/* The Kafka message's end, once its turn is known: ,"turn":N,"submitted_at":T}. */
+static void message_end(struct submit *sub, long turn)
+{
+    char num[24];
+    buf_append_lit(&sub->msg, ",\"turn\":");
+    buf_append(&sub->msg, num, fmt_i64(num, turn));
+    buf_append_lit(&sub->msg, ",\"submitted_at\":");
+    buf_append(&sub->msg, num, fmt_i64(num, sub->submitted_at));
+    buf_append_lit(&sub->msg, "}");
+}
+
 static void submit_stored_cb(void *arg, int rc, long turn)
 {
     struct submit *sub = arg;
     struct api *api = sub->api;
+    if (sub->together) {
+        sub->redis_answered = true;
+        sub->redis_ok = rc == STORE_OK;
+        together_answered(sub);
+        submit_release(sub);
+        return;
+    }
     if ((rc == STORE_ENOTFOUND || rc == STORE_ENOPREV) && sub->mode != SUBMIT_ANSWER) {
         idem_release(sub);
         struct http_req *req = submit_take_req(sub);
@@ -269,12 +319,7 @@ static void submit_stored_cb(void *arg, int rc, long turn)
         idem_release(sub);
     } else {
         sub->turn = turn;
-        char num[24];
-        buf_append_lit(&sub->msg, ",\"turn\":");
-        buf_append(&sub->msg, num, fmt_i64(num, turn));
-        buf_append_lit(&sub->msg, ",\"submitted_at\":");
-        buf_append(&sub->msg, num, fmt_i64(num, sub->submitted_at));
-        buf_append_lit(&sub->msg, "}");
+        message_end(sub, turn);
         rd_kafka_resp_err_t e = kafka_produce(api->kp, api->cfg->topic_prompts, sub->conv_id, strlen(sub->conv_id),
                                               sub->msg.data, sub->msg.len, NULL, sub);
         if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -285,11 +330,34 @@ static void submit_stored_cb(void *arg, int rc, long turn)
     submit_release(sub);
 }
 
+/* Writes the turn to Redis (store_submit; it calls submit_stored_cb, with the reference the caller holds for
+ * it), and for a new conversation without a stream produces at the same time (see the top). */
+static void submit_write(struct submit *sub, const char *prompt, size_t prompt_len, const struct turn_meta *meta)
+{
+    struct api *api = sub->api;
+    if (sub->is_new && !meta->stream && meta->prev_turn <= 0) {
+        sub->together = true;
+        sub->turn = 1;
+        message_end(sub, 1);
+        rd_kafka_resp_err_t e = kafka_produce(api->kp, api->cfg->topic_prompts, sub->conv_id, strlen(sub->conv_id),
+                                              sub->msg.data, sub->msg.len, NULL, sub);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR) { /* nothing written anywhere: not a turn to reject */
+            char msg[256];
+            snprintf(msg, sizeof msg, "the prompt could not be queued (%s)", rd_kafka_err2str(e));
+            submit_fail(sub, 503, NULL, msg);
+            submit_release(sub); /* the reference meant for Redis */
+            return;
+        }
+        sub->refs++; /* the delivery report's */
+    }
+    store_submit(api->st, sub->conv_id, prompt, prompt_len, sub->is_new, meta, submit_stored_cb, sub);
+}
+
 /* After an idempotency claim: the turn, from the copies. */
 static void submit_store(struct submit *sub)
 {
     struct turn_meta meta = {sub->req_json, sub->input_json, sub->stream, sub->prev_turn, sub->submitted_at};
-    store_submit(sub->api->st, sub->conv_id, sub->prompt, sub->prompt_len, sub->is_new, &meta, submit_stored_cb, sub);
+    submit_write(sub, sub->prompt, sub->prompt_len, &meta);
 }
 
 static void idem_claimed_cb(void *arg, int rc, const char *value)
@@ -438,6 +506,6 @@ void submit_start(struct api *api, struct http_req *req, const struct submit_par
             meta.submitted_at = sub->submitted_at;
         }
         sub->prev_turn = meta.prev_turn; /* for the error message */
-        store_submit(api->st, sub->conv_id, p->prompt, p->prompt_len, sub->is_new, &meta, submit_stored_cb, sub);
+        submit_write(sub, p->prompt, p->prompt_len, &meta);
     }
 }

@@ -88,6 +88,15 @@
  * position is the id's sequence part). Scripts build that key themselves, so this store needs a single Redis,
  * not a cluster. The common ARGV tail of the scripts that touch events: conversation id, stream max length,
  * stream ttl. */
+/* A turn's status: its status field, or 'pending' when the field is absent but the prompt is stored (a new
+ * conversation's first turn as the API writes it: see submit_new_plain). p is the turn's prefix ("t<n>."). */
+#define LUA_STATUS_FN                                                                                                  \
+    "local function status(k, p)\n"                                                                                    \
+    "  local s = redis.call('HGET', k, p .. 'status')\n"                                                               \
+    "  if not s and redis.call('HEXISTS', k, p .. 'prompt') == 1 then s = 'pending' end\n"                             \
+    "  return s\n"                                                                                                     \
+    "end\n"
+
 #define LUA_EVENT_FN                                                                                                   \
     "local function ev(conv, n, kind, text, maxlen, ttl)\n"                                                            \
     "  local ek = 'asyncllm:ev:' .. conv .. ':' .. n\n"                                                                \
@@ -103,7 +112,7 @@
 
 /* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl,
  * previous turn (0: none). Returns the turn, -1 unknown conversation, -2 id taken, -3 no such previous turn. */
-static const char LUA_SUBMIT[] = LUA_EVENT_FN
+static const char LUA_SUBMIT[] = LUA_EVENT_FN LUA_STATUS_FN
     "local n\n"
     "if ARGV[4] == '1' then\n"
     "  if redis.call('EXISTS', KEYS[1]) == 1 then return -2 end\n"
@@ -112,7 +121,7 @@ static const char LUA_SUBMIT[] = LUA_EVENT_FN
     "else\n"
     "  if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
     "  if ARGV[11] ~= '0' then\n"
-    "    local ps = redis.call('HGET', KEYS[1], 't' .. ARGV[11] .. '.status')\n"
+    "    local ps = status(KEYS[1], 't' .. ARGV[11] .. '.')\n"
     "    if not ps or ps == 'deleted' or ps == 'rejected' then return -3 end\n"
     "  end\n"
     "  n = redis.call('HINCRBY', KEYS[1], 'turns', 1)\n"
@@ -134,32 +143,33 @@ static const char LUA_SUBMIT[] = LUA_EVENT_FN
 /* A turn whose produce failed. ARGV: turn, is_new, and for turn 0 (a submit lost with the connection: Redis may
  * have run it, its reply never came) submitted_at, the prompt's length and its first PROMPT_HEAD bytes, which
  * find the turn among the conversation's last 64 if it was stored. */
-static const char LUA_REJECT[] = "local t = ARGV[1]\n"
-                                 "if t == '0' then\n"
-                                 "  local last = tonumber(redis.call('HGET', KEYS[1], 'turns') or '0')\n"
-                                 "  local low = last - 63\n"
-                                 "  if low < 1 then low = 1 end\n"
-                                 "  t = nil\n"
-                                 "  for n = last, low, -1 do\n"
-                                 "    local q = 't' .. n .. '.'\n"
-                                 "    local f = redis.call('HMGET', KEYS[1], q .. 'submitted_at', q .. 'status', q .. "
-                                 "'prompt')\n"
-                                 "    if f[1] == ARGV[3] and f[2] == 'pending' and f[3] and string.len(f[3]) == "
-                                 "tonumber(ARGV[4]) and string.sub(f[3], 1, string.len(ARGV[5])) == ARGV[5] then\n"
-                                 "      t = tostring(n)\n"
-                                 "      break\n"
-                                 "    end\n"
-                                 "  end\n"
-                                 "  if not t then return 0 end\n"
-                                 "end\n"
-                                 "local p = 't' .. t .. '.'\n"
-                                 "if redis.call('HGET', KEYS[1], p .. 'status') ~= 'pending' then return 0 end\n"
-                                 "if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'turns') == '1' then\n"
-                                 "  redis.call('DEL', KEYS[1])\n"
-                                 "  return 1\n"
-                                 "end\n"
-                                 "redis.call('HSET', KEYS[1], p .. 'status', 'rejected')\n"
-                                 "return 1\n";
+static const char LUA_REJECT[] =
+    LUA_STATUS_FN "local t = ARGV[1]\n"
+                  "if t == '0' then\n"
+                  "  local last = tonumber(redis.call('HGET', KEYS[1], 'turns') or '0')\n"
+                  "  local low = last - 63\n"
+                  "  if low < 1 then low = 1 end\n"
+                  "  t = nil\n"
+                  "  for n = last, low, -1 do\n"
+                  "    local q = 't' .. n .. '.'\n"
+                  "    local f = redis.call('HMGET', KEYS[1], q .. 'submitted_at', q .. 'status', q .. "
+                  "'prompt')\n"
+                  "    if f[1] == ARGV[3] and (f[2] == 'pending' or not f[2]) and f[3] and string.len(f[3]) == "
+                  "tonumber(ARGV[4]) and string.sub(f[3], 1, string.len(ARGV[5])) == ARGV[5] then\n"
+                  "      t = tostring(n)\n"
+                  "      break\n"
+                  "    end\n"
+                  "  end\n"
+                  "  if not t then return 0 end\n"
+                  "end\n"
+                  "local p = 't' .. t .. '.'\n"
+                  "if status(KEYS[1], p) ~= 'pending' then return 0 end\n"
+                  "if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'turns') == '1' then\n"
+                  "  redis.call('DEL', KEYS[1])\n"
+                  "  return 1\n"
+                  "end\n"
+                  "redis.call('HSET', KEYS[1], p .. 'status', 'rejected')\n"
+                  "return 1\n";
 
 /* The worker takes a prompt. ARGV: turn (0 = allocate), prompt, now, ttl, source field (k.<partition>.<offset>),
  * conv, maxlen, evttl. A pending turn becomes in_progress (a cancelled or deleted one stays so: the worker skips
@@ -222,9 +232,9 @@ static const char LUA_PUBLISHED[] = "for i = 1, #KEYS do\n"
                                     "return 1\n";
 
 /* A client cancels a turn. ARGV: turn, now, conv, maxlen, evttl. */
-static const char LUA_CANCEL[] = LUA_EVENT_FN
+static const char LUA_CANCEL[] = LUA_EVENT_FN LUA_STATUS_FN
     "local p = 't' .. ARGV[1] .. '.'\n"
-    "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
+    "local s = status(KEYS[1], p)\n"
     "if not s or s == 'rejected' or s == 'deleted' then return -1 end\n"
     "if s == 'cancelled' then return 0 end\n"
     "if s ~= 'pending' and s ~= 'in_progress' then return -4 end\n"
@@ -235,15 +245,15 @@ static const char LUA_CANCEL[] = LUA_EVENT_FN
 
 /* A client deletes a turn. ARGV: turn, now, conv. */
 static const char LUA_DELETE[] =
-    LUA_EVENT_FN "local p = 't' .. ARGV[1] .. '.'\n"
-                 "local s = redis.call('HGET', KEYS[1], p .. 'status')\n"
-                 "if not s or s == 'rejected' or s == 'deleted' then return -1 end\n"
-                 "redis.call('HSET', KEYS[1], p .. 'status', 'deleted', 'updated_at', ARGV[2])\n"
-                 "redis.call('HDEL', KEYS[1], p .. 'response', p .. 'input', p .. 'req', p .. 'prompt')\n"
-                 "redis.call('DEL', 'asyncllm:ev:' .. ARGV[3] .. ':' .. ARGV[1])\n"
-                 "if s == 'pending' or s == 'in_progress' then notify(ARGV[3], ARGV[1], 'cancel') end\n"
-                 "notify(ARGV[3], ARGV[1], 'status')\n"
-                 "return 1\n";
+    LUA_EVENT_FN LUA_STATUS_FN "local p = 't' .. ARGV[1] .. '.'\n"
+                               "local s = status(KEYS[1], p)\n"
+                               "if not s or s == 'rejected' or s == 'deleted' then return -1 end\n"
+                               "redis.call('HSET', KEYS[1], p .. 'status', 'deleted', 'updated_at', ARGV[2])\n"
+                               "redis.call('HDEL', KEYS[1], p .. 'response', p .. 'input', p .. 'req', p .. 'prompt')\n"
+                               "redis.call('DEL', 'asyncllm:ev:' .. ARGV[3] .. ':' .. ARGV[1])\n"
+                               "if s == 'pending' or s == 'in_progress' then notify(ARGV[3], ARGV[1], 'cancel') end\n"
+                               "notify(ARGV[3], ARGV[1], 'status')\n"
+                               "return 1\n";
 
 /* The conversation and a turn's events after a position. KEYS: conversation, events. ARGV: start, count. */
 static const char LUA_EVENTS[] =
@@ -1138,6 +1148,13 @@ static int conv_parse(struct conv *conv, const char *id, const redisReply *r, st
             continue;
         turn_set(&conv->turn[n], k->str + j + 1, k->len - j - 1, v);
     }
+    /* What submit_new_plain leaves out: a stored prompt without a status is pending, and a conversation
+     * nothing has changed since is as new as it was created. */
+    for (long n = 1; n <= conv->nturns; n++)
+        if (conv->turn[n].status == TURN_NONE && conv->turn[n].prompt)
+            conv->turn[n].status = TURN_PENDING;
+    if (!conv->updated_at)
+        conv->updated_at = conv->created_at;
     return 0;
 }
 
@@ -1332,9 +1349,11 @@ static void op_reply_cb(redisAsyncContext *ac, void *r, void *privdata)
         op_free(op);
         return;
     }
-    if (!reply && op->kind == OP_SUBMIT && op->lost.submitted_at) {
+    if (!reply && op->kind == OP_SUBMIT && op->lost.submitted_at && !op->plain) {
         /* Written, then the connection was lost: Redis may have stored the turn, and its client is told 503.
-         * Found by its time and prompt, it is marked rejected once Redis is back (nothing, if it was not run). */
+         * Found by its time and prompt, it is marked rejected once Redis is back (nothing, if it was not run).
+         * Not a plain submit's: its prompt was produced at the same time, and its caller rejects the turn only
+         * if that produce failed (store_submit). */
         reject_later(st, op, "connection lost with the submit's reply");
     }
     if (!has_callback(op)) {
@@ -1574,12 +1593,17 @@ static void eval(struct store *st, struct op *op, const char *script, size_t scr
  * LUA_SUBMIT: running a script costs Redis about as much again as the commands it runs. The id is 132 fresh
  * random bits (conv_id_new), so the script's check that it is unused is left out.
  *
+ * Its caller produces the prompt at the same time (http/submit.c), so a worker may take it, and write the
+ * turn's status (in_progress, even complete with a fast model) before this reaches Redis. So the HSET carries
+ * only what a worker would write the same or not at all (turns 1, created_at, the prompt, submitted_at, the
+ * request's parameters), never t1.status or updated_at: a stored prompt without a status reads as pending
+ * (conv_parse, LUA_STATUS_FN), and updated_at defaults to created_at.
+ *
  * No MULTI/EXEC around the two (it cost Redis a fifth of the submit's instructions: bench/ANALYSIS.md, session
- * 8). They are written together, and Redis runs a connection's commands in order, so nothing else can see the
- * hash between them except after a failure in between, which the reply shows: EXPIRE answers 1 only if HSET
- * made the key (an HSET refused, say out of memory, makes it 0: STORE_EUNAVAILABLE, 503). A reply lost with the
- * connection after HSET ran is a lost submit like any (reject_later): the rejection deletes a new
- * conversation, expiry or not; and a worker that takes the prompt sets the expiry again. */
+ * 8): they are written together and Redis runs a connection's commands in order. EXPIRE answers 1 only if the
+ * key exists; an HSET refused (say, out of memory) is logged (piece_reply_cb) and makes the operation
+ * STORE_EUNAVAILABLE. Whether the client gets 202 is the produce's to decide; a turn whose produce failed is
+ * rejected by the caller (which deletes a new conversation, expiry or not). */
 static void submit_new_plain(struct store *st, const char *key, const char *prompt, size_t prompt_len,
                              const struct turn_meta *meta, const struct nums *n, struct op *op)
 {
@@ -1598,12 +1622,8 @@ static void submit_new_plain(struct store *st, const char *key, const char *prom
     ARGS("1");
     ARGS("created_at");
     ARGS(n->now);
-    ARGS("updated_at");
-    ARGS(n->now);
     ARGS("t1.prompt");
     ARG(prompt, prompt_len);
-    ARGS("t1.status");
-    ARGS("pending");
     ARGS("t1.submitted_at");
     ARGS(n->now);
     if (meta && meta->req && meta->req[0]) {

@@ -118,7 +118,13 @@ void store_metrics(const struct store *st, struct evbuffer *out);
 void store_drain(struct store *st, int timeout_ms);
 
 /* API: allocates a turn for a prompt, as pending. is_new creates the conversation (STORE_EEXISTS if taken);
- * otherwise the conversation must exist (STORE_ENOTFOUND). The callback gets the turn number. */
+ * otherwise the conversation must exist (STORE_ENOTFOUND). The callback gets the turn number.
+ *
+ * A new conversation without a stream or a previous turn ("plain": turn 1, which its caller may produce to
+ * Kafka at the same time) is written without a status or updated_at, fields a worker that took the prompt
+ * first may have set: readers take a stored prompt without a status as pending (conv_parse, the scripts).
+ * The store does not reject such a turn when the reply is lost with the connection; its caller does
+ * (store_reject, turn 1) if its produce failed. Any other lost submit is rejected by the store. */
 void store_submit(struct store *st, const char *conv_id, const char *prompt, size_t prompt_len, bool is_new,
                   const struct turn_meta *meta, store_submit_cb *cb, void *arg);
 /* API: the produce of an allocated turn failed, so the client got no 202: deletes a new conversation, or marks

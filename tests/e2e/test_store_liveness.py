@@ -1,10 +1,13 @@
 """The store's Redis timeout when Redis stops reading (src/store/store.c, check_cb; docs/STORE.md).
 
-The API writes each prompt to Redis before producing it. Redis is stopped (SIGSTOP: the process is there, its
-socket accepts connections and bytes until its buffers are full, nothing is answered) and big prompts arrive:
+The API writes a follow-up prompt to Redis before producing it. Redis is stopped (SIGSTOP: the process is there,
+its socket accepts connections and bytes until its buffers are full, nothing is answered) and big follow-ups
+arrive:
 far more bytes than the sockets between the API and Redis hold (about 4 MiB with Linux' defaults), so most of
 them stay in hiredis' output buffer. The oldest written command goes unanswered, the timeout check drops the
-connection and every submit is answered 503 within a few --redis-timeout-ms.
+connection and every submit is answered 503 within a few --redis-timeout-ms. A new conversation, written to
+Redis and produced at the same time (src/http/submit.c, "Together"), is answered within the same bound too: 202,
+since the broker has it.
 
 The store used to give the oldest command a fresh timeout whenever the output buffer still held bytes ("our
 loop was too busy to send them"), even when the socket had taken nothing since the last check: the
@@ -31,18 +34,23 @@ def test_big_prompts_while_redis_is_stopped_are_answered_503_within_the_timeout(
                         conversation_ttl_s=120)  # commands Redis read before the drop run at SIGCONT
     tag = unique("big")
     filler = "x" * PROMPT_BYTES
+    cid = api.submit(unique("first turn"))["conversation_id"]
 
     def submit(i):
         t0 = time.monotonic()
+        body = {"prompt": f"{tag} {i} {filler}"}
+        if i < N:
+            body["conversation_id"] = cid
         try:
-            r = api.post("/answer", {"prompt": f"{tag} {i} {filler}"}, timeout=BOUND_S + 4)
+            r = api.post("/answer", body, timeout=BOUND_S + 4)
         except TimeoutError:
             r = None
         return r, time.monotonic() - t0
 
     with paused("redis"):
-        with ThreadPoolExecutor(N) as ex:
-            results = list(ex.map(submit, range(N)))
+        with ThreadPoolExecutor(N + 1) as ex:
+            results = list(ex.map(submit, range(N + 1)))
+    new_conv, results = results[N], results[:N]
 
     hung = [i for i, (r, _) in enumerate(results) if r is None]
     assert not hung, (f"{len(hung)} of {N} submits unanswered after {BOUND_S + 4:.0f} s with Redis stopped (the "
@@ -53,6 +61,8 @@ def test_big_prompts_while_redis_is_stopped_are_answered_503_within_the_timeout(
     slowest = max(e for _, e in results)
     assert slowest < BOUND_S, f"the slowest 503 took {slowest:.1f} s (--redis-timeout-ms={REDIS_TIMEOUT_MS})"
     assert "dropping the connection" in api.proc.log()
+    r, elapsed = new_conv
+    assert r is not None and r.status == 202 and elapsed < BOUND_S, (r, elapsed)
 
     # Redis continued: normal service again, on a new connection.
     wait_for(lambda: api.submit_post(unique("after")).status == 202, 30, "a submit to be accepted once Redis is back",

@@ -166,24 +166,52 @@ def own_redis(tmp_path):
         proc.stop()
 
 
-def test_a_new_conversation_redis_refuses_is_503_and_one_it_takes_expires(cluster, own_redis):
-    """A new conversation's first turn is HSET then EXPIRE, pipelined without MULTI/EXEC: EXPIRE's reply (1 only
-    if the key exists) says whether HSET made it. While Redis refuses writes (maxmemory 1, noeviction: HSET gets
-    -OOM, EXPIRE runs and finds nothing) the submit is answered 503, nothing is produced and nothing is left in
-    Redis; once Redis takes writes, the conversation carries its expiry."""
+def test_a_new_conversation_redis_refuses_is_accepted_once_kafka_has_it(cluster, own_redis, kafka):
+    """A new conversation's first turn is written to Redis (HSET then EXPIRE, pipelined) and produced to Kafka at
+    the same time, and the produce decides the answer (src/http/submit.c, "Together"). While Redis refuses writes
+    (maxmemory 1, noeviction: HSET gets -OOM) the prompt is still queued: 202, the refusal logged, nothing in
+    Redis (a worker creates the conversation when it takes the prompt). Once Redis takes writes, a new
+    conversation is there with its expiry, its first turn stored without a status and polled as pending."""
     port, r = own_redis
     api2 = cluster.start("api", redis_port=port, conversation_ttl_s=777)
     r.command("CONFIG", "SET", "maxmemory", "1")
     try:
-        assert_error(api2.submit_post(unique("refused by Redis")), 503)
+        resp = api2.submit_post(unique("refused by Redis"))
+        assert resp.status == 202, resp
+        refused = resp.json()["conversation_id"]
         assert r.command("DBSIZE") == 0
-        assert "OOM" in api2.proc.log(), "HSET's refusal was not logged\n" + api2.proc.tail()
+        log = api2.proc.log()
+        assert "OOM" in log and "did not store its first turn" in log, api2.proc.tail()
     finally:
         r.command("CONFIG", "SET", "maxmemory", "0")
+    assert kafka.wait_for_key(cluster.topic_prompts, refused)
     cid = api2.submit(unique("taken by Redis"))["conversation_id"]
-    ttl = r.command("TTL", f"asyncllm:conv:{cid}")
+    key = f"asyncllm:conv:{cid}"
+    ttl = r.command("TTL", key)
     assert 0 < ttl <= 777, f"TTL of a new conversation: {ttl}"
-    assert r.command("HGET", f"asyncllm:conv:{cid}", "t1.status") == b"pending"
+    assert r.command("HGET", key, "t1.status") is None
+    b = api2.poll(cid).json()
+    assert (b["status"], b["state"], b["updated_at"]) == ("pending", "pending", b["created_at"]), b
+
+
+def test_a_new_conversation_the_broker_does_not_ack_is_503_and_deleted(cluster, own_redis):
+    """A new conversation's first turn is written to Redis while it is produced (src/http/submit.c, "Together").
+    If the broker does not acknowledge it (paused: the produce times out), the client gets 503 and the turn that
+    Redis stored meanwhile is rejected: the new conversation is deleted. The test's own Redis holds nothing else."""
+    port, r = own_redis
+    api2 = cluster.start("api", redis_port=port, produce_timeout_ms=1500, request_timeout_ms=10000)
+    warm = api2.submit(unique("warm-up"))["conversation_id"]  # the producer knows the topic's partitions
+    p = unique("new conversation the broker does not ack")
+    with paused("kafka"):
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(api2.submit_post, p)
+            key = wait_for(lambda: next((k for k in r.command("KEYS", "asyncllm:conv:*")
+                                         if r.command("HGET", k, "t1.prompt") == p.encode()), None), 10,
+                           "Redis to store the new conversation while the broker is paused", interval=0.02)
+            assert_error(fut.result(timeout=30), 503)
+    wait_for(lambda: r.command("EXISTS", key) == 0, 10, "the new conversation to be deleted", interval=0.1)
+    assert r.command("EXISTS", f"asyncllm:conv:{warm}") == 1
+    wait_for(lambda: api2.get("/readyz").status == 200, 60, "/readyz after Kafka resumed", interval=0.2)
 
 
 def test_a_503_whose_rejection_redis_refuses_is_marked_rejected_once_redis_takes_it(cluster, own_redis):
