@@ -344,6 +344,23 @@ class Bench:
         m = re.search(r"^total_forks:(\d+)", self.redis_cmd("INFO", "stats"), re.M)
         return int(m.group(1)) if m else None
 
+    # Deletes every key but the ones named in ARGV (the poll steps' conversations), a SCAN batch at a time.
+    TRIM_LUA = ("local keep = {} for _, k in ipairs(ARGV) do keep[k] = true end "
+                "local c, n = '0', 0 repeat local r = redis.call('SCAN', c, 'COUNT', 10000) c = r[1] "
+                "for _, k in ipairs(r[2]) do if not keep[k] then redis.call('UNLINK', k) n = n + 1 end end "
+                "until c == '0' return n")
+
+    def trim_redis(self, paths):
+        """Before each submit run: only the poll conversations are left in Redis, so that every submit run starts
+        from the same keyspace. Left to grow (about 2 million conversations over the HTTP steps), Redis' hash
+        tables doubled during whichever runs crossed 2^k keys, and its CPU per submit moved between about 7 and
+        17 us from one run to the next (bench/ANALYSIS.md, session 8)."""
+        keep = []
+        for f in paths.values():
+            with open(f) as fh:
+                keep += ["asyncllm:conv:" + line.strip().rpartition("=")[2] for line in fh if line.strip()]
+        self.redis_cmd("EVAL", self.TRIM_LUA, "0", *keep)
+
     def flush_redis(self):
         """Each worker step starts from an empty Redis (a small dataset: no AOF rewrite of old steps' data)."""
         self.redis_cmd("FLUSHALL")
@@ -507,6 +524,8 @@ class Bench:
         stack = list(self.stack_pids().values())
         for rep in range(p["http_reps"]):
             for name, kw in targets:
+                if name.startswith("submit"):
+                    self.trim_redis(paths)
                 pids = server_pids(name)
                 c0 = sum(proc_cpu_s(x) for x in pids)
                 s0 = sum(proc_cpu_s(x) for x in stack)
@@ -576,6 +595,8 @@ class Bench:
                 mx = self.res["http"][name]["throughput_rps"]["median"]
                 for lv in p["levels"]:
                     rate = max(1.0, round(mx * lv))
+                    if name.startswith("submit"):
+                        self.trim_redis(paths)
                     r = self.loadgen("open/%s/%d/%d" % (name, int(lv * 100), rep), rate=rate,
                                      dur=p["open_dur"], warm=p["open_warm"], **kw)
                     r["others_cpu_cores"] = None
