@@ -88,15 +88,6 @@
  * position is the id's sequence part). Scripts build that key themselves, so this store needs a single Redis,
  * not a cluster. The common ARGV tail of the scripts that touch events: conversation id, stream max length,
  * stream ttl. */
-/* A turn's status: its status field, or 'pending' when the field is absent but the prompt is stored (a new
- * conversation's first turn as the API writes it: see submit_new_plain). p is the turn's prefix ("t<n>."). */
-#define LUA_STATUS_FN                                                                                                  \
-    "local function status(k, p)\n"                                                                                    \
-    "  local s = redis.call('HGET', k, p .. 'status')\n"                                                               \
-    "  if not s and redis.call('HEXISTS', k, p .. 'prompt') == 1 then s = 'pending' end\n"                             \
-    "  return s\n"                                                                                                     \
-    "end\n"
-
 #define LUA_EVENT_FN                                                                                                   \
     "local function ev(conv, n, kind, text, maxlen, ttl)\n"                                                            \
     "  local ek = 'asyncllm:ev:' .. conv .. ':' .. n\n"                                                                \
@@ -108,6 +99,15 @@
     "  local m = conv .. ' ' .. n .. ' ' .. what\n"                                                                    \
     "  redis.call('PUBLISH', '" NOTIFY_CHANNEL_PREFIX "' .. conv, m)\n"                                                \
     "  if what == 'cancel' then redis.call('PUBLISH', '" NOTIFY_CANCEL_CHANNEL "', m) end\n"                           \
+    "end\n"
+
+/* A turn's status: its status field, or 'pending' when the field is absent but the prompt is stored (a new
+ * conversation's first turn as the API writes it: see submit_new_plain). p is the turn's prefix ("t<n>."). */
+#define LUA_STATUS_FN                                                                                                  \
+    "local function status(k, p)\n"                                                                                    \
+    "  local s = redis.call('HGET', k, p .. 'status')\n"                                                               \
+    "  if not s and redis.call('HEXISTS', k, p .. 'prompt') == 1 then s = 'pending' end\n"                             \
+    "  return s\n"                                                                                                     \
     "end\n"
 
 /* Allocates a turn for a prompt. ARGV: prompt, now, ttl, is_new, req, input, stream, conv, maxlen, evttl,
