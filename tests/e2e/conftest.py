@@ -26,6 +26,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import uuid
@@ -90,6 +91,34 @@ def extra_port():
                 continue
             return port
     raise AssertionError(f"no free port in ASYNCLLM_E2E_EXTRA_PORTS={spec}")
+
+
+class RedisProxy:
+    """Listens on a port of its own (self.port) and connects each client it accepts to the stack's Redis; what
+    passes between the two is the subclass' serve(client, server), run in a thread per connection."""
+
+    def __init__(self):
+        self.port = extra_port()
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", int(self.port)))
+        self.lsock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", int(REDIS_PORT)))
+            threading.Thread(target=self.serve, args=(c, s), daemon=True).start()
+
+    def serve(self, c, s):
+        raise NotImplementedError
+
+    def close(self):
+        self.lsock.close()
 
 
 def wait_for(predicate, timeout, what, interval=0.05):

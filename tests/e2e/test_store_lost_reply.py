@@ -9,37 +9,22 @@ produce decides: see the test), as it does for a produce that failed. A proxy be
 drops the connection when the reply to a submit comes back, which proves Redis ran it."""
 
 import select
-import socket
 import threading
 import time
 
-from conftest import REDIS_PORT, extra_port, unique, wait_for
+from conftest import RedisProxy, unique, wait_for
 
 
-class DroppingProxy:
-    """Forwards 127.0.0.1:port to Redis. Once armed, the first connection that sends a submit (HSET+EXPIRE or
-    EVALSHA) after arming is closed, both ways, when Redis' answer arrives: the answer is never delivered."""
+class DroppingProxy(RedisProxy):
+    """Forwards to Redis. Once armed, the first connection that sends a submit (HSET+EXPIRE or EVALSHA) after
+    arming is closed, both ways, when Redis' answer arrives: the answer is never delivered."""
 
     def __init__(self):
-        self.port = extra_port()
         self.armed = threading.Event()
         self.dropped = threading.Event()
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", self.port))
-        self.lsock.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", REDIS_PORT))
-            threading.Thread(target=self._pump, args=(c, s), daemon=True).start()
-
-    def _pump(self, c, s):
+    def serve(self, c, s):
         submitted = False
         try:
             while True:
@@ -65,9 +50,6 @@ class DroppingProxy:
         finally:
             c.close()
             s.close()
-
-    def close(self):
-        self.lsock.close()
 
 
 def conversations_with(redis, prompt):

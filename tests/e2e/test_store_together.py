@@ -6,39 +6,27 @@ a stored prompt without a status reads as pending. A proxy between the API and R
 for a few seconds while the worker (straight to Redis) completes the prompt; the API's write lands after the
 turn is complete, and the turn stays complete."""
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import REDIS_PORT, extra_port, llm_answer, unique, wait_for
+from conftest import RedisProxy, llm_answer, unique, wait_for
 
 HOLD_S = 5.0
 
 
-class DelayingProxy:
-    """Forwards 127.0.0.1:port to Redis; while `holding` is set, what the client sends waits HOLD_S seconds
-    before it is passed on (in order). Replies pass at once."""
+class DelayingProxy(RedisProxy):
+    """Forwards to Redis; while `holding` is set, what the client sends waits HOLD_S seconds before it is passed
+    on (in order). Replies pass at once."""
 
     def __init__(self):
-        self.port = extra_port()
         self.holding = threading.Event()
         self.held = threading.Event()  # set once something was held
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", int(self.port)))
-        self.lsock.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", int(REDIS_PORT)))
-            threading.Thread(target=self._up, args=(c, s), daemon=True).start()
-            threading.Thread(target=self._down, args=(c, s), daemon=True).start()
+    def serve(self, c, s):
+        threading.Thread(target=self._down, args=(c, s), daemon=True).start()
+        self._up(c, s)
 
     def _up(self, c, s):
         try:
@@ -67,9 +55,6 @@ class DelayingProxy:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.lsock.close()
 
 
 def test_a_worker_that_finishes_first_is_not_undone_by_the_apis_late_write(cluster, redis, kafka):
