@@ -25,36 +25,25 @@ class DelayingProxy(RedisProxy):
         super().__init__()
 
     def serve(self, c, s):
-        threading.Thread(target=self._down, args=(c, s), daemon=True).start()
-        self._up(c, s)
+        threading.Thread(target=self._copy, args=(s, c, False), daemon=True).start()
+        self._copy(c, s, True)
 
-    def _up(self, c, s):
+    def _copy(self, src, dst, upstream):
+        """src to dst until either end closes; upstream (client to Redis) is held while `holding` is set."""
         try:
             while True:
-                data = c.recv(65536)
+                data = src.recv(65536)
                 if not data:
                     break
-                if self.holding.is_set():
+                if upstream and self.holding.is_set():
                     self.held.set()
                     time.sleep(HOLD_S)
-                s.sendall(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
-            s.close()
-            c.close()
-
-    def _down(self, c, s):
-        try:
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                c.sendall(data)
-        except OSError:
-            pass
-        finally:
-            c.close()
+            src.close()
+            dst.close()
 
 
 def test_a_worker_that_finishes_first_is_not_undone_by_the_apis_late_write(cluster, redis, kafka):
