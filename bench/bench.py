@@ -12,6 +12,7 @@ into a scratch directory instead of bench/results and docs/.
 """
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -49,7 +50,7 @@ FULL = dict(
     conns=256,
     warm_s=10.0,
     http_reps=5, http_dur=5.0, http_warm=1.0,
-    open_reps=3, open_dur=8.0, open_warm=1.0, levels=[0.25, 0.50, 0.75],
+    open_reps=3, open_dur=8.0, open_warm=1.0, open_max_dur=3.0, levels=[0.25, 0.50, 0.75],
     poll_ids=2000,
     worker_latencies=[100, 1000], worker_inflight=[1, 256, 1024, 4096, 16384],
     key_config=(1000, 4096), key_reps=3,
@@ -61,7 +62,7 @@ SMOKE = dict(
     conns=16,
     warm_s=0.5,
     http_reps=1, http_dur=0.5, http_warm=0.2,
-    open_reps=1, open_dur=0.5, open_warm=0.1, levels=[0.25, 0.50, 0.75],
+    open_reps=1, open_dur=0.5, open_warm=0.1, open_max_dur=0.5, levels=[0.25, 0.50, 0.75],
     poll_ids=50,
     worker_latencies=[100], worker_inflight=[1, 64],
     key_config=(100, 64), key_reps=1,
@@ -206,6 +207,47 @@ def spread(xs):
             "samples": xs}
 
 
+def stalls(timeline, over_ms=10.0):
+    """From a loadgen --timeline file: the stretches of 10 ms slots whose requests waited over over_ms, as
+    [start s, length s, worst ms], and the longest gap between two turns of loadgen's own loop (ms): a stall of
+    the servers shows as a stretch while loadgen kept turning."""
+    out, cur, gap = [], None, 0.0
+    with open(timeline) as f:
+        next(f)
+        for line in f:
+            t_ms, _, lat, _, g = line.split()
+            t, lat = int(t_ms) / 1000.0, float(lat)
+            gap = max(gap, float(g))
+            if lat > over_ms:
+                if cur and t - (cur[0] + cur[1]) <= 0.011:
+                    cur[1] = t + 0.01 - cur[0]
+                    cur[2] = max(cur[2], lat)
+                else:
+                    cur = [t, 0.01, lat]
+                    out.append(cur)
+    return [[round(a, 3), round(b, 3), round(c, 1)] for a, b, c in out], gap
+
+
+GC_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+[+-]\d{4})\].*\bPause\b.* ([\d.]+)ms$")
+
+
+def gc_pauses(log_dir):
+    """The broker's stop-the-world pauses from its GC log (scripts/stack.sh writes logs/kafka-gc.log*), as
+    [(end, seconds)] with end in Unix time."""
+    out = []
+    for name in sorted(glob.glob(os.path.join(log_dir, "kafka-gc.log*"))):
+        try:
+            with open(name) as f:
+                for line in f:
+                    m = GC_LINE.match(line.strip())
+                    if m:
+                        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+                        out.append((end, float(m.group(2)) / 1000.0))
+        except OSError:
+            pass
+    return out
+
+
 def percentile(sorted_xs, p):
     if not sorted_xs:
         return None
@@ -244,7 +286,7 @@ class Bench:
     # ---- helpers
 
     def loadgen(self, label, url, rate=0, conns=None, dur=None, warm=None, method="GET", body=None,
-                paths=None, requests=None, save=None, extra=()):
+                paths=None, requests=None, save=None, extra=(), timeline=False):
         argv = [self.bin["loadgen"], "--label", label, "-c", str(conns or self.p["conns"]),
                 "-d", str(dur if dur is not None else self.p["http_dur"]),
                 "-w", str(warm if warm is not None else self.p["http_warm"]), "-r", str(rate), "-m", method]
@@ -256,6 +298,9 @@ class Bench:
             argv += ["-n", str(requests)]
         if save:
             argv += ["--save", save]
+        tl = os.path.join(self.work, "timeline-%d.txt" % len(self.raw)) if timeline else None
+        if tl:
+            argv += ["--timeline", tl]
         argv += list(extra) + [url]
         b0, t0, ru0 = machine_busy_s(), time.time(), os.times()
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -267,6 +312,9 @@ class Bench:
         r["machine_busy_cores"] = (b1 - b0) / (t1 - t0)
         r["loadgen_cpu_cores"] = ((ru1.children_user + ru1.children_system) -
                                   (ru0.children_user + ru0.children_system)) / (t1 - t0)
+        r["started_at"] = t0
+        if tl:
+            r["stalls"], r["loadgen_loop_gap_max_ms"] = stalls(tl)
         self.raw.append(r)
         return r
 
@@ -578,7 +626,12 @@ class Bench:
         return out
 
     def open_loop(self, paths):
-        """Latency at 25/50/75% of each path's maximum, open loop (scheduled send times)."""
+        """Latency at 25/50/75% of each path's maximum, open loop (scheduled send times).
+
+        The maximum the levels are taken from is measured again (closed loop, open_max_dur seconds) right before
+        each repetition's three runs, not taken from step 1, which ran minutes earlier: this machine's capacity
+        moves by up to half within minutes (other tenants), and a "50%" from an earlier, faster minute can be
+        80-90% of what the machine has now (bench/ANALYSIS.md, session 9)."""
         p = self.p
         t = self.topics("open")
         self.start_api(t)
@@ -590,24 +643,44 @@ class Bench:
             ("poll_pending", dict(url=self.url("/polling"), paths=paths["pending"])),
         ]
         runs = {}
+        maxes = {}
         for rep in range(p["open_reps"]):
             for name, kw in eps:
-                mx = self.res["http"][name]["throughput_rps"]["median"]
+                if name.startswith("submit"):
+                    self.trim_redis(paths)
+                m = self.loadgen("open/%s/max/%d" % (name, rep), dur=p["open_max_dur"], **kw)
+                mx = m["throughput_rps"]
+                maxes.setdefault(name, []).append(mx)
+                log("open %-16s max rep %d: %.0f/s (step 1's median: %.0f/s)" % (
+                    name, rep, mx, self.res["http"][name]["throughput_rps"]["median"]))
                 for lv in p["levels"]:
                     rate = max(1.0, round(mx * lv))
                     if name.startswith("submit"):
                         self.trim_redis(paths)
                     r = self.loadgen("open/%s/%d/%d" % (name, int(lv * 100), rep), rate=rate,
-                                     dur=p["open_dur"], warm=p["open_warm"], **kw)
+                                     dur=p["open_dur"], warm=p["open_warm"], timeline=True, **kw)
                     r["others_cpu_cores"] = None
                     runs.setdefault((name, lv), []).append(r)
-                    log("open %-16s %3d%% (%6.0f/s) rep %d: p50 %.2f p99 %.2f p99.9 %.2f ms, got %.0f/s, err %d" % (
-                        name, lv * 100, rate, rep, r["latency_ms"]["p50"], r["latency_ms"]["p99"],
-                        r["latency_ms"]["p99.9"], r["throughput_rps"], r["errors"]["total"]))
+                    # the broker's GC pauses inside the measured window, as [s into the run, ms]
+                    w0 = r["started_at"] + p["open_warm"]
+                    r["broker_gc_pauses"] = [[round(end - sec - r["started_at"], 3), round(sec * 1000, 1)]
+                                             for end, sec in gc_pauses(os.path.join(self.args.stack_dir, "logs"))
+                                             if w0 <= end and end - sec <= w0 + p["open_dur"]]
+                    worst = max(r["stalls"], key=lambda x: x[2], default=None)
+                    gcw = max(r["broker_gc_pauses"], key=lambda x: x[1], default=None)
+                    log("open %-16s %3d%% (%6.0f/s) rep %d: p50 %.2f p99 %.2f p99.9 %.2f ms, got %.0f/s, err %d; "
+                        "%d stalls over 10 ms%s, loadgen's longest turn %.1f ms; %d broker GC pauses%s" % (
+                            name, lv * 100, rate, rep, r["latency_ms"]["p50"], r["latency_ms"]["p99"],
+                            r["latency_ms"]["p99.9"], r["throughput_rps"], r["errors"]["total"], len(r["stalls"]),
+                            " (worst %.0f ms at %.2f s, %.2f s long)" % (worst[2], worst[0], worst[1]) if worst
+                            else "", r["loadgen_loop_gap_max_ms"], len(r["broker_gc_pauses"]),
+                            " (longest %.0f ms at %.2f s)" % (gcw[1], gcw[0]) if gcw else ""))
         out = {}
         for (name, lv), rs in runs.items():
             out.setdefault(name, []).append({
-                "level": lv, "offered_rps": rs[0]["offered_rps"],
+                "level": lv, "offered_rps": med([r["offered_rps"] for r in rs]),
+                "offered_rps_spread": spread([r["offered_rps"] for r in rs]),
+                "max_rps": spread(maxes[name]),
                 "achieved_rps": spread([r["throughput_rps"] for r in rs]),
                 "p50_ms": spread([r["latency_ms"]["p50"] for r in rs]),
                 "p90_ms": spread([r["latency_ms"]["p90"] for r in rs]),

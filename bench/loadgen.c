@@ -84,6 +84,7 @@ static struct {
     int connect_batch;
     const char *save;
     const char *label;
+    const char *timeline;
 } opt = {
     .method = "GET",
     .path = "/",
@@ -112,6 +113,55 @@ static uint64_t err_connect, err_read, err_closed, err_parse, err_timeout, err_s
 static uint64_t status_count[600];
 static size_t backlog_max;
 static uint64_t reconnects;
+
+/* --timeline: per TL_SLOT of the run (by scheduled time for the latency, by wall time for the rest), to tell a
+ * stall of the server from one of the load generator itself (a long gap between two turns of its loop). */
+#define TL_SLOT_NS 10000000ULL
+struct tl_slot {
+    uint32_t answers;     /* answers to requests scheduled in the slot */
+    uint32_t lat_max_us;  /* their largest latency */
+    uint32_t backlog_max; /* due requests waiting for a connection, at most */
+    uint32_t gap_max_us;  /* longest gap between two turns of the loop */
+};
+static struct tl_slot *tl;
+static size_t tl_n;
+static uint64_t tl_t0, tl_last_turn;
+
+static struct tl_slot *tl_at(uint64_t t)
+{
+    if (!tl || t < tl_t0)
+        return NULL;
+    size_t i = (size_t)((t - tl_t0) / TL_SLOT_NS);
+    return i < tl_n ? &tl[i] : NULL;
+}
+
+/* One turn of a run's loop, at time t with qn requests due and waiting. */
+static void tl_turn(uint64_t t, size_t qn)
+{
+    struct tl_slot *s = tl_at(t);
+    if (!s)
+        return;
+    uint64_t gap = tl_last_turn ? (t - tl_last_turn) / 1000 : 0;
+    tl_last_turn = t;
+    if (gap > s->gap_max_us)
+        s->gap_max_us = gap > UINT32_MAX ? UINT32_MAX : (uint32_t)gap;
+    if (qn > s->backlog_max)
+        s->backlog_max = qn > UINT32_MAX ? UINT32_MAX : (uint32_t)qn;
+}
+
+static void tl_write(void)
+{
+    FILE *f = fopen(opt.timeline, "w");
+    if (!f) {
+        fprintf(stderr, "loadgen: cannot write %s: %s\n", opt.timeline, strerror(errno));
+        return;
+    }
+    fprintf(f, "t_ms answers lat_max_ms backlog_max loop_gap_max_ms\n");
+    for (size_t i = 0; i < tl_n; i++)
+        fprintf(f, "%zu %u %.3f %u %.3f\n", i * (size_t)(TL_SLOT_NS / 1000000), tl[i].answers,
+                tl[i].lat_max_us / 1000.0, tl[i].backlog_max, tl[i].gap_max_us / 1000.0);
+    fclose(f);
+}
 
 static uint64_t now_ns(void)
 {
@@ -374,6 +424,12 @@ static void record(struct conn *c, int status, const char *body, size_t body_len
     }
     uint64_t us = (t - c->sched_ns) / 1000;
     lat_us[nlat++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    struct tl_slot *s = tl_at(c->sched_ns);
+    if (s) {
+        s->answers++;
+        if (us > s->lat_max_us)
+            s->lat_max_us = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    }
 }
 
 static const char *find_header(const char *h, size_t hlen, const char *name)
@@ -705,6 +761,11 @@ static void run_open(void)
     uint64_t wstart = t0 + (uint64_t)(opt.warmup * 1e9);
     uint64_t tend = wstart + (uint64_t)(opt.duration * 1e9);
     uint64_t nsched = (tend - t0) / interval;
+    if (opt.timeline) {
+        tl_t0 = t0;
+        tl_n = (size_t)((tend - t0) / TL_SLOT_NS) + 1;
+        tl = calloc(tl_n, sizeof *tl);
+    }
     /* FIFO of due requests waiting for a connection */
     size_t qcap = 1 << 16, qh = 0, qn = 0;
     uint64_t *q = xmalloc(qcap * sizeof *q);
@@ -727,6 +788,7 @@ static void run_open(void)
         }
         if (qn > backlog_max)
             backlog_max = qn;
+        tl_turn(t, qn);
         struct conn *c;
         while (qn && (c = idle_pop())) {
             uint64_t s = q[qh];
@@ -764,6 +826,8 @@ static void run_open(void)
     size_t unsent = qn;
     free(q);
     print_json("open", (double)(tend - wstart) / 1e9, (size_t)busy_count() + unsent);
+    if (tl)
+        tl_write();
 }
 
 static void run_idle(void)
@@ -826,6 +890,8 @@ static void usage(FILE *f)
                "      --connect-batch N connections being opened at once (default 256)\n"
                "      --save F          append the bodies of 2xx answers to F, one a line\n"
                "      --label L         copied into the JSON output\n"
+               "      --timeline F      open loop: write F, one line per 10 ms: answers, their largest latency,\n"
+               "                        the backlog, and the longest gap between two turns of loadgen's own loop\n"
                "Prints one JSON object: throughput, latency percentiles (ms), errors, status codes.\n"
                "Open loop: latency is measured from each request's scheduled time (no coordinated omission).\n");
 }
@@ -863,15 +929,25 @@ static void parse_url(const char *url)
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"rate", required_argument, NULL, 'r'},     {"connections", required_argument, NULL, 'c'},
-        {"duration", required_argument, NULL, 'd'}, {"warmup", required_argument, NULL, 'w'},
-        {"drain", required_argument, NULL, 1},      {"requests", required_argument, NULL, 'n'},
-        {"method", required_argument, NULL, 'm'},   {"body", required_argument, NULL, 'b'},
-        {"body-file", required_argument, NULL, 2},  {"header", required_argument, NULL, 'H'},
-        {"paths-file", required_argument, NULL, 3}, {"idle", required_argument, NULL, 4},
-        {"hold", required_argument, NULL, 5},       {"connect-batch", required_argument, NULL, 6},
-        {"save", required_argument, NULL, 7},       {"label", required_argument, NULL, 8},
-        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
+        {"rate", required_argument, NULL, 'r'},
+        {"connections", required_argument, NULL, 'c'},
+        {"duration", required_argument, NULL, 'd'},
+        {"warmup", required_argument, NULL, 'w'},
+        {"drain", required_argument, NULL, 1},
+        {"requests", required_argument, NULL, 'n'},
+        {"method", required_argument, NULL, 'm'},
+        {"body", required_argument, NULL, 'b'},
+        {"body-file", required_argument, NULL, 2},
+        {"header", required_argument, NULL, 'H'},
+        {"paths-file", required_argument, NULL, 3},
+        {"idle", required_argument, NULL, 4},
+        {"hold", required_argument, NULL, 5},
+        {"connect-batch", required_argument, NULL, 6},
+        {"save", required_argument, NULL, 7},
+        {"label", required_argument, NULL, 8},
+        {"timeline", required_argument, NULL, 9},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "r:c:d:w:n:m:b:H:h", lo, NULL)) != -1) {
@@ -929,6 +1005,9 @@ int main(int argc, char **argv)
             break;
         case 8:
             opt.label = optarg;
+            break;
+        case 9:
+            opt.timeline = optarg;
             break;
         case 'h':
             usage(stdout);

@@ -315,17 +315,24 @@ def build(res, plots_rel):
         w("Open loop (bench/loadgen.c `--rate`): request *i* is due at t0 + i/rate whatever happened before; a due "
           "request waits for a free connection if none is idle, and its latency counts from when it was due, so a "
           "stall is charged to every request that should have been sent meanwhile (no coordinated omission). "
-          "%d connections, %s s measured after %s s, %d repetitions; rates are 25, 50 and 75%% of the median maximum "
-          "above." % (p["conns"], fnum(p["open_dur"], 1), fnum(p["open_warm"], 1), p["open_reps"]))
+          "%d connections, %s s measured after %s s, %d repetitions." % (
+              p["conns"], fnum(p["open_dur"], 1), fnum(p["open_warm"], 1), p["open_reps"]))
+        if p.get("open_max_dur"):
+            w("Each repetition first measures the path's maximum again (closed loop, %s s), and its rates are 25, 50 "
+              "and 75%% of that: the machine's capacity moves within minutes, so a maximum from section 1 can be "
+              "far from the machine's capacity by the time the open loop runs. The offered rate shown is the "
+              "median of the repetitions'." % fnum(p["open_max_dur"], 1))
+        else:
+            w("Rates are 25, 50 and 75% of the median maximum above.")
         w("")
         w("![latency against offered load](%s/submit-latency.png)" % plots_rel)
         w("")
-        w("| path | load | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |")
-        w("|---|---|---|---|---|---|---|---|---|")
+        w("| path | load | maximum/s | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for k, title in names[3:]:
             for row in sorted(ol.get(k, []), key=lambda r: r["level"]):
-                w("| %s | %d%% | %s | %s | %s | %s | %s | %s | %d |" % (
-                    title, row["level"] * 100,
+                w("| %s | %d%% | %s | %s | %s | %s | %s | %s | %s | %d |" % (
+                    title, row["level"] * 100, fs(row["max_rps"]) if row.get("max_rps") else "(section 1)",
                     fnum(row["offered_rps"]), fs(row["achieved_rps"]), fs(row["p50_ms"], 2), fs(row["p90_ms"], 2),
                     fs(row["p99_ms"], 2), fs(row["p999_ms"], 2), row["errors"]))
         w("")

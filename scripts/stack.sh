@@ -18,7 +18,8 @@
 #   KAFKA_CONTROLLER_PORT  default 9093, KRaft controller listener on 127.0.0.1
 #   REDIS_PORT             default 6390 (not 6379: a system redis-server may own that one)
 # Tuning: ASYNCLLM_STACK_TIMEOUT (readiness wait, default 90 s), KAFKA_HEAP_OPTS (default
-#   "-Xms512m -Xmx512m"), KAFKA_GC_OPTS (default G1 with a 20 ms pause goal, as Kafka's own scripts),
+#   "-Xms512m -Xmx512m"), KAFKA_GC_OPTS (default G1 with a 20 ms pause goal, as Kafka's own scripts;
+#   every collection is logged to logs/kafka-gc.log, two files of 10 MB at most),
 #   KAFKA_JVM_OPTS (extra JVM flags), ASYNCLLM_KAFKA_CDS=0 (no class-data
 #   sharing archive), ASYNCLLM_KAFKA_VERSION and ASYNCLLM_CACHE (see kafka-fetch.sh).
 #
@@ -345,6 +346,7 @@ kafka_start() {
   local -a jvm_opts
   # shellcheck disable=SC2206 # word splitting of the option strings is intended
   jvm_opts=($KAFKA_HEAP_OPTS -server $KAFKA_GC_OPTS -XX:MaxInlineLevel=15
+    "-Xlog:gc:file=$LOG_DIR/kafka-gc.log:time,uptime:filecount=2,filesize=10M"
     -XX:+ExitOnOutOfMemoryError -XX:-UsePerfData -Djava.awt.headless=true
     "${cds_opts[@]}" $KAFKA_JVM_OPTS)
 
