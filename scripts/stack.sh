@@ -270,6 +270,12 @@ broker.heartbeat.interval.ms=500
 broker.session.timeout.ms=4000
 num.network.threads=2
 num.io.threads=4
+# The log cleaner's offset map lives on the heap: 128 MB by default, a quarter of this broker's 512 MB.
+# It kept the old generation at about 170 MB, near G1's 35% threshold for concurrent marking, and the
+# mixed collections that follow took up to 109 ms under load; with 16 MB the old generation is about
+# 86 MB and no mixed collection runs (bench/ANALYSIS.md, session 9). Only the small internal topics
+# (consumer offsets) are compacted here.
+log.cleaner.dedupe.buffer.size=16777216
 EOF
 }
 
