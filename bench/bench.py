@@ -312,7 +312,8 @@ class Bench:
         r["machine_busy_cores"] = (b1 - b0) / (t1 - t0)
         r["loadgen_cpu_cores"] = ((ru1.children_user + ru1.children_system) -
                                   (ru0.children_user + ru0.children_system)) / (t1 - t0)
-        r["started_at"] = t0
+        # open loop: loadgen's own t0 (after its connections are up), which its timeline counts from
+        r["started_at"] = r.get("t0_unix") or t0
         if tl:
             r["stalls"], r["loadgen_loop_gap_max_ms"] = stalls(tl)
         self.raw.append(r)

@@ -126,6 +126,7 @@ struct tl_slot {
 static struct tl_slot *tl;
 static size_t tl_n;
 static uint64_t tl_t0, tl_last_turn;
+static double t0_unix; /* wall-clock time of the run's t0 (open loop), to line the timeline up with other logs */
 
 static struct tl_slot *tl_at(uint64_t t)
 {
@@ -702,7 +703,7 @@ static void print_json(const char *mode, double window_s, size_t still_busy)
             printf("%s\"%d\":%" PRIu64, first ? "" : ",", s, status_count[s]);
             first = false;
         }
-    printf("},\"backlog_max\":%zu,\"reconnects\":%" PRIu64 "}\n", backlog_max, reconnects);
+    printf("},\"backlog_max\":%zu,\"reconnects\":%" PRIu64 ",\"t0_unix\":%.3f}\n", backlog_max, reconnects, t0_unix);
     fflush(stdout);
 }
 
@@ -761,6 +762,9 @@ static void run_open(void)
     uint64_t wstart = t0 + (uint64_t)(opt.warmup * 1e9);
     uint64_t tend = wstart + (uint64_t)(opt.duration * 1e9);
     uint64_t nsched = (tend - t0) / interval;
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    t0_unix = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
     if (opt.timeline) {
         tl_t0 = t0;
         tl_n = (size_t)((tend - t0) / TL_SLOT_NS) + 1;
