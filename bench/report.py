@@ -442,6 +442,11 @@ def build(res, plots_rel):
       "the maximum and open loop (scheduled send times) for latency; every sample is kept and sorted for the "
       "percentiles. `bench/kbench.c`: topic creation with LogAppendTime, fast or paced produce, and broker "
       "timestamps of a topic.")
+    w("- Each open-loop run also writes a timeline (`loadgen --timeline`: per 10 ms, the answers, their worst "
+      "latency, the backlog and loadgen's own longest turn); the results keep its stalls over 10 ms "
+      "(`loadgen_raw[].stalls`) and the broker's GC pauses inside the run (`broker_gc_pauses`, from the "
+      "stack's `logs/kafka-gc.log`), and the bench's log names the worst of each, so that a tail can be "
+      "traced to its cause.")
     w("- Submits create new conversations (`{\"prompt\":\"hi\"}`); polls cycle over %s conversation ids of "
       "each kind, made beforehand through the API (complete: with a worker running; pending: with none)."
       % fnum(p["poll_ids"]))
