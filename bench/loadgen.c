@@ -128,6 +128,11 @@ static size_t tl_n;
 static uint64_t tl_t0, tl_last_turn;
 static double t0_unix; /* wall-clock time of the run's t0 (open loop), to line the timeline up with other logs */
 
+static uint32_t sat32(uint64_t v)
+{
+    return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+}
+
 static struct tl_slot *tl_at(uint64_t t)
 {
     if (!tl || t < tl_t0)
@@ -144,10 +149,10 @@ static void tl_turn(uint64_t t, size_t qn)
         return;
     uint64_t gap = tl_last_turn ? (t - tl_last_turn) / 1000 : 0;
     tl_last_turn = t;
-    if (gap > s->gap_max_us)
-        s->gap_max_us = gap > UINT32_MAX ? UINT32_MAX : (uint32_t)gap;
-    if (qn > s->backlog_max)
-        s->backlog_max = qn > UINT32_MAX ? UINT32_MAX : (uint32_t)qn;
+    if (sat32(gap) > s->gap_max_us)
+        s->gap_max_us = sat32(gap);
+    if (sat32(qn) > s->backlog_max)
+        s->backlog_max = sat32(qn);
 }
 
 static void tl_write(void)
@@ -423,13 +428,13 @@ static void record(struct conn *c, int status, const char *body, size_t body_len
         lat_cap = lat_cap ? lat_cap * 2 : 1 << 16;
         lat_us = xrealloc(lat_us, lat_cap * sizeof *lat_us);
     }
-    uint64_t us = (t - c->sched_ns) / 1000;
-    lat_us[nlat++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    uint32_t us = sat32((t - c->sched_ns) / 1000);
+    lat_us[nlat++] = us;
     struct tl_slot *s = tl_at(c->sched_ns);
     if (s) {
         s->answers++;
         if (us > s->lat_max_us)
-            s->lat_max_us = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+            s->lat_max_us = us;
     }
 }
 
@@ -769,6 +774,8 @@ static void run_open(void)
         tl_t0 = t0;
         tl_n = (size_t)((tend - t0) / TL_SLOT_NS) + 1;
         tl = calloc(tl_n, sizeof *tl);
+        if (!tl)
+            die("out of memory");
     }
     /* FIFO of due requests waiting for a connection */
     size_t qcap = 1 << 16, qh = 0, qn = 0;
